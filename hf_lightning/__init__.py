@@ -1,0 +1,43 @@
+"""hf_lightning: the Hugging Face `Trainer` API, running on PyTorch Lightning.
+
+Swap ``from transformers import Trainer, TrainingArguments`` for ``from hf_lightning import Trainer,
+TrainingArguments``; everything else in a transformers script stays as it is.
+"""
+
+from transformers import (
+    DataCollatorForLanguageModeling,
+    DataCollatorWithPadding,
+    EarlyStoppingCallback,
+    EvalPrediction,
+    HfArgumentParser,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    default_data_collator,
+    set_seed,
+)
+from transformers.trainer_utils import IntervalStrategy, PredictionOutput, TrainOutput, get_last_checkpoint
+
+from .trainer import Trainer
+from .training_args import TrainingArguments
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DataCollatorForLanguageModeling",
+    "DataCollatorWithPadding",
+    "EarlyStoppingCallback",
+    "EvalPrediction",
+    "HfArgumentParser",
+    "IntervalStrategy",
+    "PredictionOutput",
+    "Trainer",
+    "TrainerCallback",
+    "TrainerControl",
+    "TrainerState",
+    "TrainOutput",
+    "TrainingArguments",
+    "default_data_collator",
+    "get_last_checkpoint",
+    "set_seed",
+]

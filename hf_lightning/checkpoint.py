@@ -1,0 +1,387 @@
+"""Checkpoints: transformers' `checkpoint-N/` folders, a Lightning `lightning.ckpt` inside each, resume, best model.
+
+A folder holds what transformers.Trainer writes (model via save_pretrained, processing class, optimizer.pt,
+scheduler.pt, scaler.pt, rng_state[_rank].pth, trainer_state.json, training_args.bin) and, unless
+`save_lightning_checkpoint=False`, `lightning.ckpt` (Lightning's own dict: state_dict, optimizer_states,
+lr_schedulers, loops, callbacks, hyper_parameters; the HF TrainerState and RNG states ride in the callbacks entry).
+It is written under a temporary name and renamed into place, so `get_last_checkpoint` never sees a partial one.
+
+Resuming reads either format and restores weights, optimizer, scheduler, TrainerState and, at the point transformers
+does, the RNG states; nothing is unpickled beyond tensors and the RNG allow-list (training_args.bin is never read).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+
+import numpy as np
+import safetensors.torch
+import torch
+from transformers.trainer_callback import TrainerState
+from transformers.trainer_pt_utils import safe_globals
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints, sort_checkpoints
+
+logger = logging.getLogger("hf_lightning")
+
+TRAINER_STATE_NAME = "trainer_state.json"
+OPTIMIZER_NAME = "optimizer.pt"
+SCHEDULER_NAME = "scheduler.pt"
+SCALER_NAME = "scaler.pt"
+TRAINING_ARGS_NAME = "training_args.bin"
+LIGHTNING_CKPT_NAME = "lightning.ckpt"
+FLOW_KEY = "hf_lightning.TrainingFlow"
+
+
+# ---------------------------------------------------------------------- paths
+
+
+def resolve_resume_path(args, resume_from_checkpoint) -> str | None:
+    """None, True (latest complete checkpoint in output_dir), a checkpoint-N folder or a .ckpt file."""
+    if resume_from_checkpoint is None or resume_from_checkpoint is False:
+        return None
+    if resume_from_checkpoint is True:
+        path = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        if path is None:
+            raise ValueError(
+                f"resume_from_checkpoint=True but no checkpoint-N folder was found in output_dir={args.output_dir!r}."
+            )
+        return path
+    path = os.fspath(resume_from_checkpoint)
+    if not os.path.exists(path):
+        raise ValueError(f"resume_from_checkpoint={path!r} does not exist.")
+    if os.path.isdir(path) and not (
+        os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)) or os.path.isfile(os.path.join(path, LIGHTNING_CKPT_NAME))
+    ):
+        raise ValueError(f"resume_from_checkpoint={path!r} is not a checkpoint folder: it has no {TRAINER_STATE_NAME}.")
+    return path
+
+
+def lightning_ckpt_path(resume_path: str | None) -> None:
+    """Resumes are restored by `restore_training_state`, so Lightning itself is never given a ckpt_path."""
+    return None
+
+
+def sorted_checkpoints(output_dir: str) -> list[str]:
+    return sort_checkpoints(output_dir=output_dir) if os.path.isdir(output_dir) else []
+
+
+# ---------------------------------------------------------------------- saving
+
+
+def save_model_folder(hf, output_dir: str) -> None:
+    """save_pretrained (or safetensors for a plain nn.Module), the processing class and training_args.bin."""
+    if not hf.args.should_save:
+        return
+    os.makedirs(output_dir, exist_ok=True)
+    model = hf.model
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(output_dir)
+    else:
+        safetensors.torch.save_file(
+            {k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(output_dir, "model.safetensors")
+        )
+    if hf.processing_class is not None and hasattr(hf.processing_class, "save_pretrained"):
+        hf.processing_class.save_pretrained(output_dir)
+    torch.save(hf.args, os.path.join(output_dir, TRAINING_ARGS_NAME))  # for transformers' tools; never loaded here
+
+
+def rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "cpu": torch.random.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.random.get_rng_state_all()
+    return state
+
+
+def _rng_file(args) -> str:
+    return "rng_state.pth" if args.world_size <= 1 else f"rng_state_{args.process_index}.pth"
+
+
+def save_checkpoint(hf) -> str:
+    """Write output_dir/checkpoint-{global_step}/ atomically; returns its path."""
+    args, state = hf.args, hf.state
+    name = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+    final_dir = os.path.join(args.output_dir, name)
+    tmp_dir = os.path.join(args.output_dir, f"tmp-{name}")
+    if args.should_save:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    save_model_folder(hf, tmp_dir)
+    if state.best_global_step:
+        state.best_model_checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.best_global_step}")
+    if not args.save_only_model:
+        if args.should_save:
+            os.makedirs(tmp_dir, exist_ok=True)
+            torch.save(hf.optimizer.state_dict(), os.path.join(tmp_dir, OPTIMIZER_NAME))
+            torch.save(hf.lr_scheduler.state_dict(), os.path.join(tmp_dir, SCHEDULER_NAME))
+            scaler = getattr(hf.lightning_trainer.precision_plugin, "scaler", None)
+            if scaler is not None:
+                torch.save(scaler.state_dict(), os.path.join(tmp_dir, SCALER_NAME))
+        os.makedirs(tmp_dir, exist_ok=True)
+        torch.save(rng_state(), os.path.join(tmp_dir, _rng_file(args)))
+    if args.should_save:
+        _refresh_stateful_callbacks(hf)
+        state.save_to_json(os.path.join(tmp_dir, TRAINER_STATE_NAME))
+    if getattr(args, "save_lightning_checkpoint", True) and not args.save_only_model:
+        hf.lightning_trainer.save_checkpoint(os.path.join(tmp_dir, LIGHTNING_CKPT_NAME))
+    if args.should_save:
+        if os.path.isdir(final_dir):
+            shutil.rmtree(final_dir)
+        os.replace(tmp_dir, final_dir)
+        rotate_checkpoints(args.output_dir, args.save_total_limit, state.best_model_checkpoint)
+    return final_dir
+
+
+def _refresh_stateful_callbacks(hf) -> None:
+    from transformers.trainer_callback import ExportableState
+
+    stateful = {}
+    for cb in hf.callback_handler.callbacks + [hf.control]:
+        if isinstance(cb, ExportableState):
+            name = cb.__class__.__name__
+            if name in stateful:
+                if not isinstance(stateful[name], list):
+                    stateful[name] = [stateful[name]]
+                stateful[name].append(cb.state())
+            else:
+                stateful[name] = cb.state()
+    hf.state.stateful_callbacks = stateful
+
+
+# ---------------------------------------------------------------------- Lightning .ckpt entry of the flow
+
+
+def flow_state_dict(flow) -> dict:
+    hf = flow.hf
+    _refresh_stateful_callbacks(hf)
+    return {
+        "trainer_state": hf.state.to_json_string() if hasattr(hf.state, "to_json_string") else json.dumps(
+            hf.state.__dict__
+        ),
+        "rng": {str(hf.args.process_index): rng_state()},
+    }
+
+
+def load_flow_state_dict(flow, state_dict: dict) -> None:
+    flow.hf.state = _state_from_json(json.loads(state_dict["trainer_state"]))
+
+
+def _state_from_json(data: dict) -> TrainerState:
+    return TrainerState(**data)
+
+
+# ---------------------------------------------------------------------- best model
+
+
+def metric_key(args) -> str:
+    metric = args.metric_for_best_model
+    return metric if metric.startswith("eval_") else f"eval_{metric}"
+
+
+def determine_best_metric(hf, metrics: dict) -> bool:
+    """transformers' `_determine_best_metric`: updates state.best_metric / best_global_step."""
+    args = hf.args
+    if args.metric_for_best_model is None:
+        return False
+    key = metric_key(args)
+    if key not in metrics:
+        raise KeyError(
+            f"TrainingArguments.metric_for_best_model={args.metric_for_best_model!r}: '{key}' is not among the "
+            f"evaluation metrics {sorted(metrics)}. Return it from compute_metrics or change metric_for_best_model."
+        )
+    value = metrics[key]
+    better = np.greater if args.greater_is_better else np.less
+    if hf.state.best_metric is None:
+        hf.state.best_metric = float("-inf") if args.greater_is_better else float("inf")
+    if better(value, hf.state.best_metric):
+        hf.state.best_metric = value
+        if args.save_strategy in ("steps", "epoch", "best"):
+            hf.state.best_global_step = hf.state.global_step
+        return True
+    return False
+
+
+def _load_weights(model, folder: str) -> None:
+    from transformers.trainer_utils import load_sharded_checkpoint
+
+    single = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(single):
+        state_dict = safetensors.torch.load_file(single, device="cpu")
+        _load_state_dict_checked(model, state_dict, single)
+    elif os.path.isfile(os.path.join(folder, "model.safetensors.index.json")):
+        load_sharded_checkpoint(model, folder, strict=True)
+    else:
+        raise ValueError(f"Checkpoint {folder!r} holds no model.safetensors: it cannot be resumed.")
+
+
+def _load_state_dict_checked(model, state_dict: dict, source: str) -> None:
+    own = model.state_dict()
+    tied = {k for k in own if k not in state_dict}
+    # save_pretrained drops tied weights (e.g. lm_head tied to the embeddings); anything else missing is a mismatch.
+    tied_keys = set(getattr(model, "_tied_weights_keys", None) or {})
+    missing = sorted(k for k in tied if not any(re.fullmatch(t, k) or k == t for t in tied_keys))
+    unexpected = sorted(k for k in state_dict if k not in own)
+    shape_mismatch = sorted(k for k in state_dict if k in own and own[k].shape != state_dict[k].shape)
+    if unexpected or shape_mismatch or (missing and not getattr(getattr(model, "config", None), "tie_word_embeddings", False)):
+        raise ValueError(
+            f"{source} does not fit {model.__class__.__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"shape mismatch {shape_mismatch[:5]}. Resume with the model the checkpoint was written from."
+        )
+    model.load_state_dict(state_dict, strict=False)
+
+
+def load_best_model(hf) -> None:
+    folder = hf.state.best_model_checkpoint
+    logger.info("Loading best model from %s (score: %s).", folder, hf.state.best_metric)
+    _load_weights(hf.model, folder)
+
+
+# ---------------------------------------------------------------------- resume
+
+
+@dataclass
+class ResumePoint:
+    """Where a resumed run starts, and the RNG state to restore before its first forward."""
+
+    epochs_trained: int
+    windows_to_skip: int
+    rng: dict | None
+
+    def __post_init__(self):
+        self._pending_rng = self.rng is not None
+
+    def restore_rng_at_epoch_start(self, epoch: int) -> None:
+        # At an epoch boundary transformers restores the RNG before iterating the epoch.
+        if self._pending_rng and epoch == self.epochs_trained and self.windows_to_skip == 0:
+            set_rng_state(self.rng)
+            self._pending_rng = False
+
+    def before_first_window(self) -> None:
+        # Mid-epoch, after the DataLoader iterator was created and the consumed windows skipped.
+        if self._pending_rng:
+            set_rng_state(self.rng)
+            self._pending_rng = False
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.random.set_rng_state(state["cpu"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.random.set_rng_state_all(state["cuda"])
+
+
+def _torch_load(path: str, what: str):
+    try:
+        with safe_globals():
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - re-raised with the file named
+        raise ValueError(f"Cannot read {what} from {path!r} ({type(err).__name__}: {err}). The file is corrupt, "
+                         "truncated or not a checkpoint written by transformers/hf_lightning.") from err
+
+
+def restore_training_state(hf, lightning_trainer, path: str, plan: dict) -> ResumePoint:
+    """Load weights, optimizer, scheduler, TrainerState and RNG from a checkpoint folder or a .ckpt file, and move
+    Lightning's loop counters to the resumed step (Lightning restores its own loops only from its own ckpt_path)."""
+    args = hf.args
+    if os.path.isfile(path):
+        state, rng = _restore_from_lightning_ckpt(hf, path)
+    else:
+        state, rng = _restore_from_folder(hf, path)
+    state.max_steps = plan["max_steps"]
+    state.num_train_epochs = plan["num_train_epochs"]
+    state.compute_steps(args, plan["max_steps"])
+    state.train_batch_size = hf._train_batch_size
+    if state.best_model_checkpoint is not None and not os.path.isdir(state.best_model_checkpoint):
+        state.best_model_checkpoint = None
+    hf.state = state
+    if args.restore_callback_states_from_checkpoint:
+        _load_callback_states(hf)
+    updates_per_epoch = plan["updates_per_epoch"]
+    epochs_trained = state.global_step // updates_per_epoch
+    windows_to_skip = 0 if args.ignore_data_skip else state.global_step % updates_per_epoch
+    _move_lightning_counters(lightning_trainer, state.global_step, epochs_trained)
+    return ResumePoint(epochs_trained, windows_to_skip, rng)
+
+
+def _restore_from_folder(hf, folder: str):
+    args = hf.args
+    _load_weights(hf.model, folder)
+    state_file = os.path.join(folder, TRAINER_STATE_NAME)
+    try:
+        state = TrainerState.load_from_json(state_file)
+    except (OSError, json.JSONDecodeError, TypeError) as err:
+        raise ValueError(f"Cannot read {state_file!r}: {err}") from err
+    for name, target in ((OPTIMIZER_NAME, hf.optimizer), (SCHEDULER_NAME, hf.lr_scheduler)):
+        file = os.path.join(folder, name)
+        if os.path.isfile(file):
+            _load_into(target, _torch_load(file, name), file)
+    scaler = getattr(hf.lightning_trainer.precision_plugin, "scaler", None)
+    if scaler is not None and os.path.isfile(os.path.join(folder, SCALER_NAME)):
+        scaler.load_state_dict(_torch_load(os.path.join(folder, SCALER_NAME), SCALER_NAME))
+    rng = None
+    for candidate in (_rng_file(args), "rng_state.pth"):
+        file = os.path.join(folder, candidate)
+        if os.path.isfile(file):
+            rng = _torch_load(file, "the RNG state")
+            break
+    return state, rng
+
+
+def _restore_from_lightning_ckpt(hf, file: str):
+    checkpoint = _torch_load(file, "a Lightning checkpoint")
+    missing = [k for k in ("state_dict", "callbacks") if k not in checkpoint]
+    if missing or FLOW_KEY not in checkpoint["callbacks"]:
+        raise ValueError(f"{file!r} is not an hf_lightning checkpoint: it lacks {missing or [FLOW_KEY]}.")
+    prefix = "model."
+    weights = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    _load_state_dict_checked(hf.model, weights, file)
+    if checkpoint.get("optimizer_states"):
+        _load_into(hf.optimizer, checkpoint["optimizer_states"][0], file)
+    if checkpoint.get("lr_schedulers"):
+        _load_into(hf.lr_scheduler, checkpoint["lr_schedulers"][0], file)
+    flow_state = checkpoint["callbacks"][FLOW_KEY]
+    state = _state_from_json(json.loads(flow_state["trainer_state"]))
+    rngs = flow_state.get("rng", {})
+    rng = rngs.get(str(hf.args.process_index)) or next(iter(rngs.values()), None)
+    return state, rng
+
+
+def _load_into(target, state_dict, source: str) -> None:
+    try:
+        target.load_state_dict(state_dict)
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise ValueError(
+            f"{source} does not fit this run's {type(target).__name__} ({err}). Resume with the optimizer and "
+            "scheduler the checkpoint was written with."
+        ) from err
+
+
+def _load_callback_states(hf) -> None:
+    from transformers.trainer_callback import ExportableState
+
+    saved = hf.state.stateful_callbacks or {}
+    for cb in hf.callback_handler.callbacks:
+        if isinstance(cb, ExportableState) and cb.__class__.__name__ in saved:
+            entry = saved[cb.__class__.__name__]
+            entry = entry[0] if isinstance(entry, list) else entry
+            for key, value in entry.get("attributes", {}).items():
+                setattr(cb, key, value)
+
+
+def _move_lightning_counters(trainer, global_step: int, epochs_trained: int) -> None:
+    """Start Lightning's fit loop at the resumed epoch and optimizer step (its progress trackers are public
+    dataclasses; this is what Lightning's own loop restore sets for a manual-optimization run)."""
+    fit_loop = trainer.fit_loop
+    for tracker in (fit_loop.epoch_progress.total, fit_loop.epoch_progress.current):
+        tracker.ready = tracker.started = tracker.processed = tracker.completed = epochs_trained
+    step_progress = fit_loop.epoch_loop.manual_optimization.optim_step_progress
+    step_progress.total.ready = step_progress.total.completed = global_step

@@ -1,0 +1,106 @@
+"""`report_to` → Lightning loggers, and `log_level` / `log_level_replica` → Python logging verbosity."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import transformers
+
+# report_to name -> builder(args, save_dir, name). Lightning owns the loggers; this table only names them.
+def _tensorboard(args, save_dir, name):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return TensorBoardLogger(save_dir=save_dir, name="runs", version=name)
+
+
+def _csv(args, save_dir, name):
+    from lightning.pytorch.loggers import CSVLogger
+
+    return CSVLogger(save_dir=save_dir, name="csv", version=name)
+
+
+def _mlflow(args, save_dir, name):
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    return MLFlowLogger(
+        experiment_name=args.project or "huggingface",
+        run_name=name,
+        tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", f"file:{os.path.join(save_dir, 'mlruns')}"),
+    )
+
+
+def _wandb(args, save_dir, name):
+    from lightning.pytorch.loggers import WandbLogger
+
+    offline = os.environ.get("WANDB_MODE", "offline") == "offline"
+    return WandbLogger(name=name, project=args.project or "huggingface", save_dir=save_dir, offline=offline)
+
+
+LOGGERS = {"tensorboard": _tensorboard, "csv": _csv, "mlflow": _mlflow, "wandb": _wandb}
+_PIP_EXTRA = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+
+
+def make_loggers(args: transformers.TrainingArguments) -> list:
+    """The Lightning loggers `args.report_to` asks for ("all" = every installed one, "none"/[] = none)."""
+    from lightning.pytorch.loggers import Logger
+
+    report_to = args.report_to
+    if report_to is None or report_to == "none":
+        report_to = []
+    if isinstance(report_to, (str, Logger)):
+        report_to = [report_to]
+    if "all" in report_to:
+        report_to = [n for n in LOGGERS if n == "csv" or _installed(n)]
+    name = args.run_name or "version_0"
+    save_dir = args.output_dir
+    loggers = []
+    for entry in report_to:
+        if isinstance(entry, Logger):
+            loggers.append(entry)
+            continue
+        if entry == "none":
+            continue
+        if entry not in LOGGERS:
+            raise ValueError(
+                f"TrainingArguments.report_to={entry!r} has no Lightning logger here; use one of "
+                f"{sorted(LOGGERS)}, 'all', 'none', or pass a lightning.pytorch.loggers.Logger instance."
+            )
+        if entry in _PIP_EXTRA and not _installed(entry):
+            raise ImportError(
+                f"report_to={entry!r} needs the `{_PIP_EXTRA[entry]}` package: pip install 'hf-lightning[loggers]'."
+            )
+        loggers.append(LOGGERS[entry](args, save_dir, name))
+    return loggers
+
+
+def _installed(package: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(package) is not None
+
+
+_LOGGER_NAMES = ("transformers", "datasets", "lightning", "lightning.pytorch", "lightning.fabric", "hf_lightning")
+
+
+def apply_log_levels(args: transformers.TrainingArguments) -> None:
+    """transformers' rule (log_level on the main process, log_level_replica elsewhere; "passive" leaves levels alone),
+    applied to transformers, datasets, lightning and hf_lightning."""
+    level = args.get_process_log_level()
+    passive = args.log_level == "passive" if _is_main(args) else args.log_level_replica == "passive"
+    if passive:
+        return
+    transformers.utils.logging.set_verbosity(level)
+    try:
+        import datasets
+
+        datasets.utils.logging.set_verbosity(level)
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        pass
+    for name in _LOGGER_NAMES[2:]:
+        logging.getLogger(name).setLevel(level)
+
+
+def _is_main(args) -> bool:
+    rank = int(os.environ.get("LOCAL_RANK" if args.log_on_each_node else "RANK", "0"))
+    return rank == 0

@@ -1,0 +1,263 @@
+"""`TrainingArguments`: transformers' own dataclass, plus the one table that says what happens to each field.
+
+Every field of `transformers.TrainingArguments` is in `FIELD_POLICY`, classified as
+
+* ``HONOURED``    – the facade implements transformers' semantics for it (the loop, logging, eval, saving ...);
+* ``LIGHTNING``   – translated into an argument of `lightning.Trainer` by `translate_arguments`;
+* ``UNSUPPORTED`` – not supported yet: a non-default value raises a `ValueError` naming the field.
+
+"What happens to `eval_steps`?" is answered by reading this file. A transformers release that adds a field fails
+`tests/test_training_args.py` until the field is classified here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import transformers
+
+HONOURED = "honoured"
+LIGHTNING = "lightning"
+UNSUPPORTED = "unsupported"
+
+# field name -> (policy, where / why). Order follows transformers' own dataclass.
+FIELD_POLICY: dict[str, tuple[str, str]] = {
+    "output_dir": (HONOURED, "checkpoint-N folders, save_model(), Lightning's default_root_dir"),
+    "per_device_train_batch_size": (HONOURED, "train DataLoader batch size"),
+    "num_train_epochs": (HONOURED, "max_steps = ceil(epochs * update steps per epoch), as transformers"),
+    "max_steps": (HONOURED, "lightning.Trainer(max_steps=...) and TrainerState.max_steps"),
+    "learning_rate": (HONOURED, "optimizer lr (transformers' optimizer lookup)"),
+    "lr_scheduler_type": (HONOURED, "transformers.get_scheduler, stepped once per update step"),
+    "lr_scheduler_kwargs": (HONOURED, "transformers.get_scheduler(scheduler_specific_kwargs=...)"),
+    "warmup_steps": (HONOURED, "args.get_warmup_steps (int or ratio)"),
+    "optim": (HONOURED, "transformers.Trainer.get_optimizer_cls_and_kwargs"),
+    "optim_args": (HONOURED, "transformers.Trainer.get_optimizer_cls_and_kwargs"),
+    "weight_decay": (HONOURED, "decay / no-decay parameter groups as transformers"),
+    "adam_beta1": (HONOURED, "optimizer kwargs"),
+    "adam_beta2": (HONOURED, "optimizer kwargs"),
+    "adam_epsilon": (HONOURED, "optimizer kwargs"),
+    "optim_target_modules": (HONOURED, "transformers' optimizer lookup (GaLore, APOLLO)"),
+    "gradient_accumulation_steps": (HONOURED, "one Lightning batch = one window of micro-batches; num_items_in_batch"),
+    "average_tokens_across_devices": (HONOURED, "num_items_in_batch summed over processes"),
+    "max_grad_norm": (HONOURED, "clip_grad_norm_ in on_before_optimizer_step (after unscaling), grad_norm logged"),
+    "label_smoothing_factor": (HONOURED, "transformers' LabelSmoother in compute_loss"),
+    "bf16": (LIGHTNING, "precision='bf16-mixed'"),
+    "fp16": (LIGHTNING, "precision='16-mixed'"),
+    "bf16_full_eval": (UNSUPPORTED, "casting the model for evaluation is not implemented"),
+    "fp16_full_eval": (UNSUPPORTED, "casting the model for evaluation is not implemented"),
+    "tf32": (HONOURED, "torch.backends.cuda.matmul.allow_tf32 / cudnn.allow_tf32"),
+    "activation_checkpointing": (HONOURED, "model.gradient_checkpointing_enable() before training"),
+    "activation_checkpointing_kwargs": (HONOURED, "passed to gradient_checkpointing_enable"),
+    "gradient_checkpointing": (HONOURED, "deprecated alias of activation_checkpointing"),
+    "gradient_checkpointing_kwargs": (HONOURED, "deprecated alias of activation_checkpointing_kwargs"),
+    "torch_compile": (UNSUPPORTED, "not implemented yet"),
+    "torch_compile_backend": (UNSUPPORTED, "not implemented yet"),
+    "torch_compile_mode": (UNSUPPORTED, "not implemented yet"),
+    "use_liger_kernel": (UNSUPPORTED, "not implemented yet"),
+    "liger_kernel_config": (UNSUPPORTED, "not implemented yet"),
+    "use_cache": (HONOURED, "model.config.use_cache"),
+    "neftune_noise_alpha": (UNSUPPORTED, "not implemented yet"),
+    "torch_empty_cache_steps": (HONOURED, "device cache emptied every N steps"),
+    "auto_find_batch_size": (UNSUPPORTED, "not implemented yet"),
+    "logging_strategy": (HONOURED, "DefaultFlowCallback sets should_log"),
+    "logging_steps": (HONOURED, "TrainerState.logging_steps (int or ratio)"),
+    "logging_first_step": (HONOURED, "DefaultFlowCallback"),
+    "log_on_each_node": (HONOURED, "args.get_process_log_level()"),
+    "logging_nan_inf_filter": (HONOURED, "nan/inf step losses replaced by the running mean, on the device"),
+    "include_num_input_tokens_seen": (HONOURED, "TrainerState.num_input_tokens_seen"),
+    "log_level": (HONOURED, "verbosity of transformers, datasets, lightning and hf_lightning loggers"),
+    "log_level_replica": (HONOURED, "verbosity on replicas"),
+    "disable_tqdm": (LIGHTNING, "enable_progress_bar=False"),
+    "report_to": (LIGHTNING, "Lightning loggers: tensorboard, csv, mlflow, wandb"),
+    "run_name": (LIGHTNING, "logger name / version"),
+    "project": (LIGHTNING, "wandb / mlflow project name"),
+    "trackio_space_id": (UNSUPPORTED, "trackio is not a Lightning logger"),
+    "trackio_bucket_id": (UNSUPPORTED, "trackio is not a Lightning logger"),
+    "trackio_static_space_id": (UNSUPPORTED, "trackio is not a Lightning logger"),
+    "eval_strategy": (HONOURED, "DefaultFlowCallback sets should_evaluate; Lightning's validation loop runs it"),
+    "eval_steps": (HONOURED, "TrainerState.eval_steps (int or ratio, defaults to logging_steps)"),
+    "eval_delay": (HONOURED, "DefaultFlowCallback"),
+    "per_device_eval_batch_size": (HONOURED, "eval DataLoader batch size"),
+    "prediction_loss_only": (HONOURED, "prediction_step"),
+    "eval_on_start": (HONOURED, "an evaluation right after on_train_begin"),
+    "eval_do_concat_batches": (HONOURED, "transformers' EvalLoopContainer"),
+    "eval_use_gather_object": (UNSUPPORTED, "not implemented yet"),
+    "eval_accumulation_steps": (HONOURED, "predictions moved to CPU every N eval batches"),
+    "include_for_metrics": (HONOURED, "EvalPrediction(inputs=..., losses=...)"),
+    "batch_eval_metrics": (HONOURED, "compute_metrics(..., compute_result=) per batch"),
+    "save_only_model": (HONOURED, "checkpoint folders without optimizer/scheduler/rng"),
+    "save_strategy": (HONOURED, "DefaultFlowCallback sets should_save; checkpoint-N folders"),
+    "save_steps": (HONOURED, "TrainerState.save_steps (int or ratio)"),
+    "save_on_each_node": (HONOURED, "args.should_save"),
+    "save_total_limit": (HONOURED, "oldest checkpoint folders rotated, the best one kept"),
+    "enable_jit_checkpoint": (UNSUPPORTED, "not implemented yet"),
+    "push_to_hub": (UNSUPPORTED, "not implemented yet (no Hub access here)"),
+    "hub_token": (UNSUPPORTED, "push_to_hub is not implemented yet"),
+    "hub_private_repo": (UNSUPPORTED, "push_to_hub is not implemented yet"),
+    "hub_model_id": (UNSUPPORTED, "push_to_hub is not implemented yet"),
+    "hub_strategy": (UNSUPPORTED, "push_to_hub is not implemented yet"),
+    "hub_always_push": (UNSUPPORTED, "push_to_hub is not implemented yet"),
+    "hub_revision": (UNSUPPORTED, "push_to_hub is not implemented yet"),
+    "load_best_model_at_end": (HONOURED, "best checkpoint's weights loaded after training"),
+    "metric_for_best_model": (HONOURED, "TrainerState.best_metric / best_global_step"),
+    "greater_is_better": (HONOURED, "best metric comparison"),
+    "ignore_data_skip": (HONOURED, "resume without skipping consumed batches"),
+    "restore_callback_states_from_checkpoint": (HONOURED, "stateful callbacks restored on resume"),
+    "full_determinism": (HONOURED, "transformers.enable_full_determinism"),
+    "seed": (HONOURED, "transformers.set_seed in __init__ and train()"),
+    "data_seed": (HONOURED, "seed of the shuffling sampler"),
+    "use_cpu": (LIGHTNING, "accelerator='cpu'"),
+    "accelerator_config": (UNSUPPORTED, "accelerate's dataloader options: only the default is implemented"),
+    "parallelism_config": (UNSUPPORTED, "use lightning_trainer_kwargs={'strategy': ...}"),
+    "dataloader_drop_last": (HONOURED, "DataLoader(drop_last=...)"),
+    "dataloader_num_workers": (HONOURED, "DataLoader(num_workers=...)"),
+    "dataloader_pin_memory": (HONOURED, "DataLoader(pin_memory=...)"),
+    "dataloader_persistent_workers": (HONOURED, "DataLoader(persistent_workers=...)"),
+    "dataloader_prefetch_factor": (HONOURED, "DataLoader(prefetch_factor=...)"),
+    "dataloader_multiprocessing_context": (HONOURED, "DataLoader(multiprocessing_context=...)"),
+    "dataloader_in_order": (HONOURED, "DataLoader(in_order=...)"),
+    "remove_unused_columns": (HONOURED, "columns the model's forward does not take are dropped"),
+    "label_names": (HONOURED, "prediction_step labels"),
+    "train_sampling_strategy": (HONOURED, "random / sequential / group_by_length ('batch_rebalance' refused)"),
+    "length_column_name": (HONOURED, "group_by_length lengths"),
+    "ddp_find_unused_parameters": (LIGHTNING, "DDPStrategy(find_unused_parameters=...)"),
+    "ddp_bucket_cap_mb": (LIGHTNING, "DDPStrategy(bucket_cap_mb=...)"),
+    "ddp_broadcast_buffers": (LIGHTNING, "DDPStrategy(broadcast_buffers=...)"),
+    "ddp_static_graph": (LIGHTNING, "DDPStrategy(static_graph=...)"),
+    "ddp_backend": (LIGHTNING, "DDPStrategy(process_group_backend=...)"),
+    "ddp_timeout": (LIGHTNING, "DDPStrategy(timeout=...)"),
+    "fsdp": (UNSUPPORTED, "use lightning_trainer_kwargs={'strategy': 'fsdp'}"),
+    "fsdp_config": (UNSUPPORTED, "use lightning_trainer_kwargs={'strategy': FSDPStrategy(...)}"),
+    "deepspeed": (UNSUPPORTED, "use lightning_trainer_kwargs={'strategy': 'deepspeed_stage_2'}"),
+    "debug": (UNSUPPORTED, "not implemented yet"),
+    "skip_memory_metrics": (UNSUPPORTED, "memory metrics are not implemented yet"),
+    "do_train": (HONOURED, "read by scripts, not by the Trainer (as transformers)"),
+    "do_eval": (HONOURED, "read by scripts, not by the Trainer (as transformers)"),
+    "do_predict": (HONOURED, "read by scripts, not by the Trainer (as transformers)"),
+    "resume_from_checkpoint": (HONOURED, "read by scripts, not by the Trainer (as transformers)"),
+    "local_rank": (LIGHTNING, "set by the launcher; Lightning reads the environment"),
+    # Added by hf_lightning.TrainingArguments:
+    "lightning_trainer_kwargs": (LIGHTNING, "passed verbatim to lightning.Trainer (devices, strategy, num_nodes ...)"),
+    "save_lightning_checkpoint": (HONOURED, "checkpoint-N/lightning.ckpt written beside the HF files"),
+}
+
+# Values that are refused although they are legal for transformers.
+REFUSED_VALUES: dict[str, tuple[Any, ...]] = {"train_sampling_strategy": ("batch_rebalance",)}
+
+# transformers' own lightning-free building blocks decide these; we check them but never touch them.
+_DEFAULTS = {f.name: f for f in dataclasses.fields(transformers.TrainingArguments) if f.init}
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    """transformers' `TrainingArguments`, with the fields that reach Lightning directly.
+
+    Any `transformers.TrainingArguments` (or subclass) instance is accepted by `hf_lightning.Trainer` as is; this
+    subclass only adds what transformers has no name for.
+    """
+
+    lightning_trainer_kwargs: dict[str, Any] | None = field(
+        default=None,
+        metadata={
+            "help": "Extra keyword arguments for `lightning.Trainer` (e.g. devices, num_nodes, strategy, "
+            "accelerator). They win over what is translated from the other fields."
+        },
+    )
+    save_lightning_checkpoint: bool = field(
+        default=True,
+        metadata={"help": "Also write a Lightning `lightning.ckpt` file into every checkpoint-N folder."},
+    )
+
+
+def _default_of(name: str) -> Any:
+    f = _DEFAULTS.get(name)
+    if f is None:
+        return None
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def _is_default(name: str, value: Any) -> bool:
+    default = _default_of(name)
+    if value == default:
+        return True
+    # transformers normalises some defaults in __post_init__ (None -> [] / {} / enum).
+    if value in (None, [], {}, "", "no", "none") and default in (None, [], {}, "", "no", "none"):
+        return True
+    if name == "accelerator_config":
+        return value == transformers.trainer_pt_utils.AcceleratorConfig() if value is not None else True
+    if name == "debug":
+        return not value
+    return False
+
+
+def check_supported(args: transformers.TrainingArguments) -> None:
+    """Raise a ValueError naming the first field set to a value hf_lightning does not support yet."""
+    for name, (policy, why) in FIELD_POLICY.items():
+        if not hasattr(args, name):
+            continue
+        value = getattr(args, name)
+        if policy == UNSUPPORTED and not _is_default(name, value):
+            raise ValueError(
+                f"TrainingArguments.{name}={value!r} is not supported by hf_lightning yet ({why}). "
+                f"Leave `{name}` at its default ({_default_of(name)!r})."
+            )
+        refused = REFUSED_VALUES.get(name, ())
+        if value in refused:
+            raise ValueError(f"TrainingArguments.{name}={value!r} is not supported by hf_lightning yet.")
+
+
+def _precision(args: transformers.TrainingArguments) -> str:
+    if args.bf16:
+        return "bf16-mixed"
+    if args.fp16:
+        return "16-mixed"
+    return "32-true"
+
+
+def _strategy(args: transformers.TrainingArguments) -> Any:
+    """DDP options only matter when more than one process trains; 'auto' otherwise."""
+    ddp_options = {
+        "find_unused_parameters": args.ddp_find_unused_parameters,
+        "bucket_cap_mb": args.ddp_bucket_cap_mb,
+        "broadcast_buffers": args.ddp_broadcast_buffers,
+        "static_graph": args.ddp_static_graph,
+    }
+    ddp_options = {k: v for k, v in ddp_options.items() if v is not None}
+    if not ddp_options and args.ddp_backend is None:
+        return "auto"
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    return DDPStrategy(process_group_backend=args.ddp_backend, timeout=timedelta(seconds=args.ddp_timeout), **ddp_options)
+
+
+def translate_arguments(args: transformers.TrainingArguments) -> dict[str, Any]:
+    """The `lightning.Trainer` keyword arguments that `args` stands for (loop limits are set by the facade)."""
+    kwargs: dict[str, Any] = {
+        "default_root_dir": args.output_dir,
+        "precision": _precision(args),
+        "enable_progress_bar": not args.disable_tqdm,
+        "strategy": _strategy(args),
+        # HF semantics run the loop's cadences: no sanity check, no Lightning checkpointing or gradient clipping.
+        "num_sanity_val_steps": 0,
+        "enable_checkpointing": False,
+        "enable_model_summary": False,
+        "use_distributed_sampler": False,
+        "log_every_n_steps": 1,
+    }
+    if args.use_cpu:
+        kwargs["accelerator"] = "cpu"
+    # transformers trains on the device of this process; a multi-process run comes from a launcher (torchrun,
+    # SLURM) or from an explicit lightning_trainer_kwargs={"devices": N}.
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        kwargs["devices"] = 1
+    kwargs.update(getattr(args, "lightning_trainer_kwargs", None) or {})
+    return kwargs
