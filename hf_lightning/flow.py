@@ -82,7 +82,7 @@ class TrainingFlow(pl.Callback):
         self.initial_tokens_seen = hf.state.num_input_tokens_seen
         logger.info(
             "***** Running training ***** examples=%s epochs=%s update steps=%s total batch size=%s",
-            hf.num_examples(self.windows.dataloader) if self.plan["steps_in_epoch"] else "unknown",
+            hf.num_examples(self.windows.dataloader),
             self.plan["num_train_epochs"],
             self.plan["max_steps"],
             self.plan["total_batch_size"],

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,9 @@ from transformers.trainer_pt_utils import EvalLoopContainer, find_batch_size
 from transformers.trainer_utils import EvalPrediction, denumpify_detensorize
 
 from .data import count_items
+
+# Evaluation is optional (no eval_dataset, eval_strategy="no"); Lightning warns about it on every fit.
+warnings.filterwarnings("ignore", message=r".*defined a `validation_step` but have no `val_dataloader`.*")
 
 
 @dataclass
@@ -135,6 +139,20 @@ class TransformersModule(pl.LightningModule):
         self._ignore_keys = ignore_keys
         self.finished_evaluations = []
 
+    def on_validation_start(self):
+        self._note_model_preparation()
+
+    def on_test_start(self):
+        self._note_model_preparation()
+
+    def _note_model_preparation(self) -> None:
+        # transformers reports `<prefix>_model_preparation_time` (from then on) when the first thing a Trainer does is
+        # an evaluation: the time to prepare the model, here Lightning's strategy setup.
+        hf = self._hf
+        if not hf._model_prepared and self._runs:
+            hf.model_preparation_time = round(time.time() - self._runs[0].start_time, 4)
+        hf._model_prepared = True
+
     def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
         self._evaluation_step(batch, dataloader_idx)
 
@@ -236,6 +254,10 @@ class TransformersModule(pl.LightningModule):
                 if args.logging_nan_inf_filter and finite.any():
                     losses = losses[finite]
                 metrics[f"{run.prefix}_loss"] = losses.mean().item()
+            start_time = run.start_time
+            if hf.model_preparation_time is not None:
+                metrics[f"{run.prefix}_model_preparation_time"] = hf.model_preparation_time
+                start_time += hf.model_preparation_time
             for key in list(metrics.keys()):
                 if not key.startswith(f"{run.prefix}_"):
                     metrics[f"{run.prefix}_{key}"] = metrics.pop(key)
@@ -247,7 +269,7 @@ class TransformersModule(pl.LightningModule):
             if num_samples == 0 and run.observed > 0:
                 num_samples = run.observed
             outputs.append(
-                EvaluationOutput(run.prefix, run.start_time, metrics, all_preds, all_labels, num_samples)
+                EvaluationOutput(run.prefix, start_time, metrics, all_preds, all_labels, num_samples)
             )
         self.finished_evaluations = outputs
 

@@ -70,6 +70,18 @@ from .training_args import check_supported, translate_arguments
 logger = logging.getLogger("hf_lightning")
 
 
+@contextlib.contextmanager
+def _preserved_rng():
+    """Checks that peek at data must not shift the random streams training will draw from."""
+    import random
+
+    states = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        yield
+    random.setstate(states[0])
+    np.random.set_state(states[1])
+
+
 class Trainer:
     """Drop-in replacement for `transformers.Trainer` whose loop is a `lightning.Trainer`.
 
@@ -82,6 +94,10 @@ class Trainer:
                           callbacks=[MyTrainerCallback(), lightning.pytorch.callbacks.LearningRateMonitor()])
         trainer.train()
     """
+
+    # As in transformers: a subclass whose compute_loss returns a per-batch mean sets False (the loss is then divided
+    # by the window's micro-batch count), one that normalises over the whole window sets True; None = decide.
+    loss_is_scaled_for_ga: bool | None = None
 
     # transformers' helpers that are written as Trainer methods.
     log_metrics = log_metrics
@@ -180,6 +196,8 @@ class Trainer:
         self._train_batch_size = args.train_batch_size
         self.lightning_trainer = None  # the lightning.Trainer in use, created by train()/evaluate()/predict()
         self.lightning_module = None  # the LightningModule around self.model
+        self._model_prepared = False  # transformers reports model_preparation_time when evaluate() comes first
+        self.model_preparation_time: float | None = None
         self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
         if getattr(self.model, "config", None) is not None:
             self.model.config.use_cache = self.args.use_cache
@@ -340,12 +358,20 @@ class Trainer:
         try:
             return len(dataloader.dataset)
         except (AttributeError, TypeError):
+            pass
+        try:
             return len(dataloader) * self.args.per_device_train_batch_size
+        except TypeError:
+            return self.args.max_steps * self._train_batch_size * self.args.gradient_accumulation_steps
 
     def _check_batch_fits_model(self, dataloader: DataLoader, description: str) -> None:
         """Fail before training when the collated rows lack what the model's forward needs."""
-        batch = next(iter(dataloader), None)
-        if batch is None or not isinstance(batch, dict):
+        dataset = dataloader.dataset
+        if isinstance(dataset, IterableDataset) or not has_length(dataset) or len(dataset) == 0:
+            return  # a stream is never consumed ahead of training
+        with _preserved_rng():
+            batch = dataloader.collate_fn([dataset[0]])
+        if not isinstance(batch, dict):
             return
         main_input = getattr(self.model, "main_input_name", "input_ids")
         accepted = set(inspect.signature(self.model.forward).parameters)
@@ -486,9 +512,14 @@ class Trainer:
             and torch.cuda.is_available()
         ):
             torch.cuda.empty_cache()
-        scaled_for_accumulation = (
-            self.model_accepts_loss_kwargs and num_items_in_batch is not None and self._compute_loss_takes_num_items()
-        ) or self.compute_loss_func is not None
+        if self.loss_is_scaled_for_ga is not None:
+            scaled_for_accumulation = self.loss_is_scaled_for_ga
+        else:  # normalised by num_items_in_batch (by the model or compute_loss_func), or a per-batch mean
+            scaled_for_accumulation = (
+                self.model_accepts_loss_kwargs
+                and num_items_in_batch is not None
+                and self._compute_loss_takes_num_items()
+            ) or self.compute_loss_func is not None
         if not scaled_for_accumulation:
             loss = loss / self.current_gradient_accumulation_steps
         self.lightning_module.manual_backward(loss)
@@ -594,6 +625,7 @@ class Trainer:
 
         args = self.args
         self.is_in_train = True
+        self._model_prepared = True
         if self.model_init is not None:
             enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
             self.model = self.call_model_init()

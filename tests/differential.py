@@ -1,0 +1,78 @@
+"""Run the same seed, model, data and arguments through transformers.Trainer and hf_lightning.Trainer."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import transformers
+
+import hf_lightning
+
+VOLATILE = ("runtime", "per_second", "preparation_time")
+
+
+def run_pair(tmp_path, make_model, train_dataset=None, eval_dataset=None, trainer_kwargs=None, hf_cls=None, hl_cls=None,
+             evaluate=False, after=None, **args):
+    """Returns {"hf": (trainer, output, model), "hl": (...)}; both runs start from identical weights."""
+    defaults = dict(report_to="none", disable_tqdm=True, save_strategy="no", use_cpu=True)
+    defaults.update(args)
+    results = {}
+    for key, trainer_cls, args_cls in (
+        ("hf", hf_cls or transformers.Trainer, transformers.TrainingArguments),
+        ("hl", hl_cls or hf_lightning.Trainer, hf_lightning.TrainingArguments),
+    ):
+        model = make_model()
+        targs = args_cls(output_dir=str(tmp_path / key), **defaults)
+        trainer = trainer_cls(model, args=targs, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                              **(trainer_kwargs or {}))
+        output = trainer.train() if train_dataset is not None else None
+        if evaluate:
+            output = trainer.evaluate()
+        results[key] = (trainer, output, model)
+        if after is not None:  # transformers' Trainer must be used before another TrainingArguments is built
+            results[key + "_after"] = after(trainer)
+    return results
+
+
+def stable(entry: dict) -> dict:
+    return {k: v for k, v in entry.items() if not any(word in k for word in VOLATILE)}
+
+
+def assert_same_history(hf_history, hl_history, rel=1e-6, abs_=1e-7):
+    assert len(hf_history) == len(hl_history), (hf_history, hl_history)
+    for expected, actual in zip(hf_history, hl_history):
+        expected, actual = stable(expected), stable(actual)
+        assert expected.keys() == actual.keys(), (expected, actual)
+        for key, value in expected.items():
+            other = actual[key]
+            if isinstance(value, float) and math.isnan(value):
+                assert math.isnan(other), (key, expected, actual)
+            elif isinstance(value, (int, float)):
+                assert math.isclose(value, other, rel_tol=rel, abs_tol=abs_), (key, expected, actual)
+            else:
+                assert value == other, (key, expected, actual)
+
+
+def assert_same_weights(model_a, model_b, atol=1e-6):
+    for (name, a), (_, b) in zip(model_a.state_dict().items(), model_b.state_dict().items()):
+        assert torch.allclose(a, b, atol=atol), f"{name}: max diff {(a - b).abs().max().item()}"
+
+
+def assert_same_run(results, rel=1e-6, atol=1e-6):
+    hf_trainer, hf_out, hf_model = results["hf"]
+    hl_trainer, hl_out, hl_model = results["hl"]
+    assert hf_trainer.state.global_step == hl_trainer.state.global_step
+    assert hf_trainer.state.max_steps == hl_trainer.state.max_steps
+    assert_same_history(hf_trainer.state.log_history, hl_trainer.state.log_history, rel=rel, abs_=atol)
+    if hf_out is not None and hasattr(hf_out, "training_loss"):
+        assert hf_out.global_step == hl_out.global_step
+        assert math.isclose(hf_out.training_loss, hl_out.training_loss, rel_tol=rel, abs_tol=atol)
+        assert stable(hf_out.metrics) == pytest_approx(stable(hl_out.metrics), rel, atol)
+    assert_same_weights(hf_model, hl_model, atol=atol)
+
+
+def pytest_approx(d, rel, atol):
+    import pytest
+
+    return pytest.approx(d, rel=rel, abs=atol)
