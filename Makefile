@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/demo.py
+	$(PY) examples/demo.py --output_dir outputs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -205,7 +205,10 @@ class Trainer:
     # ------------------------------------------------------------------ setup checks
 
     def _check_model(self, model: nn.Module) -> None:
-        if model.__class__.__name__ in MODEL_MAPPING_NAMES:
+        base_model_names = {
+            name for value in MODEL_MAPPING_NAMES.values() for name in (value if isinstance(value, tuple) else (value,))
+        }
+        if model.__class__.__name__ in base_model_names:
             raise ValueError(
                 f"The model you have picked ({model.__class__.__name__}) cannot be used as is for training: it only "
                 "computes hidden states and does not accept any labels. Choose a model with a head suitable for your "
