@@ -1,0 +1,248 @@
+"""TrainerCallbacks and Lightning callbacks in one list: HF's event order, TrainerControl, Lightning monitors."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import os
+
+import lightning.pytorch as pl
+import pytest
+import transformers
+from transformers import TrainerCallback
+
+import hf_lightning
+from differential import assert_same_history, run_pair
+from helpers import accuracy, classification_dataset, tiny_bert
+
+EVENTS = [
+    "on_init_end", "on_train_begin", "on_train_end", "on_epoch_begin", "on_epoch_end", "on_step_begin",
+    "on_pre_optimizer_step", "on_optimizer_step", "on_substep_end", "on_step_end", "on_evaluate", "on_predict",
+    "on_save", "on_log", "on_prediction_step", "on_push_begin",
+]
+
+
+class Recorder(TrainerCallback):
+    """Records (event, global_step) and checks the references callbacks receive."""
+
+    def __init__(self):
+        self.events = []
+        self.bad_refs = []
+
+    def _record(self, event, args, state, control, **kwargs):
+        self.events.append((event, state.global_step))
+        if event in ("on_train_begin", "on_step_end", "on_pre_optimizer_step"):
+            for ref in ("model", "optimizer", "lr_scheduler", "train_dataloader"):
+                if kwargs.get(ref) is None:
+                    self.bad_refs.append((event, ref))
+
+
+for _event in EVENTS:
+    setattr(Recorder, _event, lambda self, args, state, control, _e=_event, **kw: self._record(_e, args, state, control, **kw))
+
+
+def test_event_order_matches_transformers(tmp_path):
+    recorders = {}
+
+    def after(trainer):
+        trainer.evaluate()
+        trainer.predict(classification_dataset(4, seed=7))
+        return None
+
+    for key in ("hf", "hl"):
+        recorders[key] = Recorder()
+    # 14 rows / batch 2 = 7 micro-batches per epoch; GA=2 -> 4 update steps (last window short);
+    # max_steps=6 cuts epoch 2; log/eval/save every 2 steps coincide.
+    results = {}
+    for key, cls, args_cls in (("hf", transformers.Trainer, transformers.TrainingArguments),
+                               ("hl", hf_lightning.Trainer, hf_lightning.TrainingArguments)):
+        args = args_cls(str(tmp_path / key), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                        max_steps=6, logging_steps=2, eval_strategy="steps", eval_steps=2, save_steps=2,
+                        report_to="none", disable_tqdm=True, use_cpu=True, per_device_eval_batch_size=2)
+        trainer = cls(tiny_bert(), args=args, train_dataset=classification_dataset(14),
+                      eval_dataset=classification_dataset(5, seed=1), callbacks=[recorders[key]])
+        trainer.train()
+        after(trainer)
+        results[key] = trainer
+    assert recorders["hl"].events == recorders["hf"].events
+    assert not recorders["hl"].bad_refs
+    assert_same_history(results["hf"].state.log_history, results["hl"].state.log_history)
+    assert sorted(os.listdir(tmp_path / "hl")) == sorted(d for d in os.listdir(tmp_path / "hf"))
+
+
+class GuideEarlyStoppingCallback(TrainerCallback):
+    """Verbatim from the transformers Trainer guide."""
+
+    def __init__(self, num_steps=10):
+        self.num_steps = num_steps
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.num_steps:
+            return {"should_training_stop": True}
+        else:
+            return {}
+
+
+def _args(tmp_path, **kw):
+    base = dict(per_device_train_batch_size=2, report_to="none", save_strategy="no", disable_tqdm=True)
+    base.update(kw)
+    return hf_lightning.TrainingArguments(str(tmp_path), **base)
+
+
+def test_guide_callback_example_works_where_transformers_fails(tmp_path):
+    data = classification_dataset(40)
+    with pytest.raises(TypeError, match="callback"):  # transformers 5.24: unexpected keyword `callback`
+        transformers.Trainer(tiny_bert(), args=transformers.TrainingArguments(str(tmp_path / "hf")),
+                             train_dataset=data, callback=[GuideEarlyStoppingCallback()])
+    hf = transformers.Trainer(tiny_bert(), args=transformers.TrainingArguments(
+        str(tmp_path / "hf"), per_device_train_batch_size=2, report_to="none", save_strategy="no", use_cpu=True),
+        train_dataset=data, callbacks=[GuideEarlyStoppingCallback()])
+    with pytest.raises(AttributeError):  # ... and it cannot take the dict the callback returns
+        hf.train()
+    trainer = hf_lightning.Trainer(tiny_bert(), args=_args(tmp_path, num_train_epochs=3, eval_strategy="steps",
+                                                           eval_steps=15),
+                                   train_dataset=data, eval_dataset=classification_dataset(4),
+                                   callback=[GuideEarlyStoppingCallback()])
+    trainer.train()
+    assert trainer.state.global_step == 10
+    # It stopped right after step 10, without the validation Lightning runs when trainer.should_stop is set.
+    assert not any("eval_loss" in e for e in trainer.state.log_history)
+    assert trainer.lightning_trainer.global_step == 10
+
+
+def test_unknown_control_key_is_a_clear_error(tmp_path):
+    class Typo(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            return {"should_trainig_stop": True}
+
+    trainer = hf_lightning.Trainer(tiny_bert(), args=_args(tmp_path, max_steps=3), callbacks=[Typo],
+                                   train_dataset=classification_dataset(8))
+    with pytest.raises(ValueError, match="should_trainig_stop"):
+        trainer.train()
+
+
+def test_should_epoch_stop_and_should_evaluate_from_a_callback(tmp_path):
+    class Control(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step % 4 == 2:  # stop each 4-step epoch after its second step
+                control.should_epoch_stop = True
+            if state.global_step == 1:
+                control.should_evaluate = True
+
+    results = run_pair(
+        tmp_path, tiny_bert, classification_dataset(8), classification_dataset(4, seed=1),
+        trainer_kwargs={"callbacks": [Control()]}, per_device_train_batch_size=2, num_train_epochs=3,
+        logging_steps=1,
+    )
+    hf, hl = results["hf"][0], results["hl"][0]
+    assert hl.state.global_step == hf.state.global_step == 10
+    assert_same_history(hf.state.log_history, hl.state.log_history)
+
+
+def test_add_pop_remove_callbacks(tmp_path):
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    recorder = Recorder()
+    trainer = hf_lightning.Trainer(tiny_bert(), args=_args(tmp_path, max_steps=2), callbacks=[Recorder],
+                                   train_dataset=classification_dataset(8))
+    trainer.add_callback(recorder)
+    trainer.add_callback(LearningRateMonitor)
+    assert isinstance(trainer.pop_callback(Recorder), Recorder)  # the class instance added first
+    trainer.remove_callback(LearningRateMonitor)
+    trainer.train()
+    assert ("on_step_end", 2) in recorder.events
+    assert not any(isinstance(cb, LearningRateMonitor) for cb in trainer.lightning_trainer.callbacks)
+
+
+def test_transformers_early_stopping_and_its_state_in_checkpoints(tmp_path):
+    from transformers import EarlyStoppingCallback
+
+    def make_args(args_cls, key):
+        return args_cls(str(tmp_path / key), per_device_train_batch_size=2, num_train_epochs=20, report_to="none",
+                        eval_strategy="steps", eval_steps=2, save_steps=2, metric_for_best_model="eval_loss",
+                        load_best_model_at_end=True, learning_rate=0.05, use_cpu=True, disable_tqdm=True,
+                        save_total_limit=2)
+
+    outcome = {}
+    for key, cls, args_cls in (("hf", transformers.Trainer, transformers.TrainingArguments),
+                               ("hl", hf_lightning.Trainer, hf_lightning.TrainingArguments)):
+        trainer = cls(tiny_bert(), args=make_args(args_cls, key), train_dataset=classification_dataset(8),
+                      eval_dataset=classification_dataset(6, seed=3),
+                      callbacks=[EarlyStoppingCallback(early_stopping_patience=2, early_stopping_threshold=0.001)])
+        trainer.train()
+        outcome[key] = trainer
+    hf, hl = outcome["hf"], outcome["hl"]
+    assert hl.state.global_step == hf.state.global_step < 80
+    assert hl.state.best_global_step == hf.state.best_global_step
+    assert hl.state.best_metric == pytest.approx(hf.state.best_metric)
+    assert os.path.basename(hl.state.best_model_checkpoint) == os.path.basename(hf.state.best_model_checkpoint)
+    assert sorted(os.listdir(tmp_path / "hl")) == sorted(os.listdir(tmp_path / "hf"))
+    state = transformers.TrainerState.load_from_json(
+        os.path.join(hl.state.best_model_checkpoint, "trainer_state.json"))
+    assert "EarlyStoppingCallback" in state.stateful_callbacks
+
+
+def test_lightning_callbacks_in_the_same_list(tmp_path):
+    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
+
+    seen = {}
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            hf_trainer = pl_module._hf
+            seen.setdefault("steps", []).append(hf_trainer.state.global_step)
+
+        def on_validation_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                seen.setdefault("eval_loss", []).append(float(trainer.callback_metrics["eval_loss"]))
+
+    early = EarlyStopping(monitor="eval_loss", patience=1, min_delta=10.0)  # stops after the 2nd evaluation
+    recorder = Recorder()
+    trainer = hf_lightning.Trainer(
+        tiny_bert(), args=_args(tmp_path, num_train_epochs=10, eval_strategy="epoch", report_to="csv",
+                                logging_steps=1),
+        train_dataset=classification_dataset(8), eval_dataset=classification_dataset(4, seed=2),
+        callbacks=[Spy(), early, LearningRateMonitor(logging_interval="step"), recorder],
+    )
+    trainer.train()
+    assert seen["steps"][:4] == [1, 2, 3, 4]
+    assert len(seen["eval_loss"]) == 2
+    assert trainer.state.global_step == 8  # 2 epochs of 4 steps, then Lightning's EarlyStopping stopped the run
+    assert early.stopped_epoch == 1
+    assert recorder.events[-1] == ("on_train_end", 8)
+    assert recorder.events.count(("on_epoch_end", 8)) == 1
+    rows = list(csv.DictReader(open(glob.glob(str(tmp_path / "csv" / "*" / "metrics.csv"))[0])))
+    assert {"loss", "grad_norm", "learning_rate", "eval_loss", "lr-AdamW/pg1"} <= set(rows[0].keys())
+    assert [r["step"] for r in rows if r["eval_loss"]] == ["4", "8"]
+
+
+def test_report_to_tensorboard_writes_events(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = hf_lightning.Trainer(tiny_bert(), args=_args(tmp_path, max_steps=4, logging_steps=1,
+                                                           report_to="tensorboard", run_name="tb-run"),
+                                   train_dataset=classification_dataset(8))
+    trainer.train()
+    files = glob.glob(str(tmp_path / "runs" / "tb-run" / "events.out.tfevents.*"))
+    assert files
+    acc = EventAccumulator(os.path.dirname(files[0]))
+    acc.Reload()
+    losses = acc.Scalars("loss")
+    assert [e.step for e in losses] == [1, 2, 3, 4]
+    expected = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert [e.value for e in losses] == pytest.approx(expected, rel=1e-5)
+
+
+def test_report_to_unknown_and_logger_instances(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    with pytest.raises(ValueError, match="report_to"):
+        hf_lightning.Trainer(tiny_bert(), args=_args(tmp_path, report_to="comet_mlx"),
+                             train_dataset=classification_dataset(4)).train()
+    logger = CSVLogger(str(tmp_path / "mine"))
+    trainer = hf_lightning.Trainer(tiny_bert(), args=_args(tmp_path, max_steps=2, logging_steps=1,
+                                                           report_to=[logger]),
+                                   train_dataset=classification_dataset(4))
+    trainer.train()
+    assert trainer.lightning_trainer.loggers == [logger]
+    assert os.path.isfile(os.path.join(logger.log_dir, "metrics.csv"))
