@@ -356,6 +356,14 @@ def _restore_from_lightning_ckpt(hf, file: str):
 
 
 def _load_into(target, state_dict, source: str) -> None:
+    if isinstance(target, torch.optim.Optimizer) and state_dict.get("param_groups"):
+        saved = set(state_dict["param_groups"][0]) - {"params"}
+        current = set(target.param_groups[0]) - {"params"}
+        if saved != current:
+            raise ValueError(
+                f"{source} was written by another optimizer than this run's {type(target).__name__} (its settings "
+                f"differ: {sorted(saved ^ current)}). Resume with the `optim` the checkpoint was written with."
+            )
     try:
         target.load_state_dict(state_dict)
     except (ValueError, KeyError, RuntimeError) as err:

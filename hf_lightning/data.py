@@ -94,7 +94,9 @@ class AccumulationWindows:
         return len(self.dataloader) if has_length(self.dataloader) else None
 
     def __len__(self) -> int:
-        return math.ceil(len(self.dataloader) / self.gradient_accumulation_steps) - self.skip_windows
+        # The full epoch, also while a resumed epoch skips windows: Lightning reads the length once per fit and ends
+        # the shorter resumed epoch when the iterator runs out.
+        return math.ceil(len(self.dataloader) / self.gradient_accumulation_steps)
 
     def __iter__(self) -> Iterator[list]:
         iterator = self._micro_batches()
