@@ -15,6 +15,7 @@ loggers). The pieces:
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import math
@@ -68,6 +69,13 @@ from .loggers import apply_log_levels, make_loggers
 from .training_args import check_supported, translate_arguments
 
 logger = logging.getLogger("hf_lightning")
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_num_items(compute_loss) -> bool:
+    """Whether a compute_loss override has transformers 5's `num_items_in_batch` (cached: checked every step)."""
+    params = inspect.signature(compute_loss).parameters
+    return "num_items_in_batch" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
 
 
 @contextlib.contextmanager
@@ -497,8 +505,7 @@ class Trainer:
         return self.compute_loss(model, inputs, return_outputs=return_outputs)
 
     def _compute_loss_takes_num_items(self) -> bool:
-        params = inspect.signature(self.compute_loss).parameters
-        return "num_items_in_batch" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+        return _takes_num_items(type(self).compute_loss)
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
         """Forward and backward of one micro-batch; returns the detached loss (scaled as transformers does)."""

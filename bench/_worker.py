@@ -1,0 +1,107 @@
+"""One timed training run (a subprocess of bench/speed.py): prints one JSON line.
+
+    python bench/_worker.py MODEL FRAMEWORK STEPS SPAWN_TIME
+"""
+
+import time
+
+T_START = time.time()
+
+import json  # noqa: E402
+import os  # noqa: E402
+import resource  # noqa: E402
+import sys  # noqa: E402
+
+model_name, framework, steps, spawn_time = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+torch.manual_seed(0)
+BATCH = {"mlp": 32, "bert": 16, "llama": 8}[model_name]
+SEQ = {"bert": 64, "llama": 128}.get(model_name)
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 2))
+
+    def forward(self, x, labels=None):
+        logits = self.net(x)
+        return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+class Rows(torch.utils.data.Dataset):
+    def __init__(self, n):
+        g = torch.Generator().manual_seed(0)
+        if model_name == "mlp":
+            self.rows = [{"x": torch.randn(32, generator=g), "labels": torch.tensor(i % 2)} for i in range(n)]
+        else:
+            ids = torch.randint(1, 1000, (n, SEQ), generator=g)
+            labels = ids.clone() if model_name == "llama" else torch.arange(n) % 2
+            self.rows = [{"input_ids": ids[i], "attention_mask": torch.ones(SEQ, dtype=torch.long),
+                          "labels": labels[i]} for i in range(n)]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def build_model():
+    import transformers
+
+    if model_name == "mlp":
+        return MLP()
+    if model_name == "bert":
+        return transformers.BertForSequenceClassification(transformers.BertConfig(
+            vocab_size=1000, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512,
+            max_position_embeddings=SEQ, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=1000, hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=SEQ))
+
+
+step_ends = []
+data = Rows(BATCH * steps)
+
+if framework == "raw":
+    model = build_model()
+    loader = torch.utils.data.DataLoader(data, batch_size=BATCH, shuffle=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / steps)
+    model.train()
+    for batch in loader:
+        loss = model(**batch)["loss"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_ends.append(time.time())
+else:
+    if framework == "hf":
+        from transformers import Trainer, TrainerCallback, TrainingArguments
+    else:
+        from transformers import TrainerCallback
+
+        from hf_lightning import Trainer, TrainingArguments
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            step_ends.append(time.time())
+
+    args = TrainingArguments(f"/tmp/hfl-bench-{framework}", per_device_train_batch_size=BATCH, max_steps=steps,
+                             logging_steps=10**6, save_strategy="no", report_to="none", disable_tqdm=True,
+                             use_cpu=True, dataloader_pin_memory=False, log_level="error")
+    Trainer(build_model(), args=args, train_dataset=data, callbacks=[Clock()]).train()
+
+deltas = sorted(b - a for a, b in zip(step_ends[10:], step_ends[11:]))
+print(json.dumps({
+    "first_step_s": step_ends[0] - spawn_time,
+    "median_step_ms": 1000 * deltas[len(deltas) // 2],
+    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+}))
