@@ -112,8 +112,10 @@ def save_checkpoint(hf) -> str:
     name = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
     final_dir = os.path.join(args.output_dir, name)
     tmp_dir = os.path.join(args.output_dir, f"tmp-{name}")
+    strategy = hf.lightning_trainer.strategy
     if args.should_save:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+    strategy.barrier("hf_lightning.save_checkpoint.start")
     save_model_folder(hf, tmp_dir)
     if state.best_global_step:
         state.best_model_checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.best_global_step}")
@@ -132,6 +134,7 @@ def save_checkpoint(hf) -> str:
         state.save_to_json(os.path.join(tmp_dir, TRAINER_STATE_NAME))
     if getattr(args, "save_lightning_checkpoint", True) and not args.save_only_model:
         hf.lightning_trainer.save_checkpoint(os.path.join(tmp_dir, LIGHTNING_CKPT_NAME))
+    strategy.barrier("hf_lightning.save_checkpoint.written")  # every rank's files are in before the rename
     if args.should_save:
         if os.path.isdir(final_dir):
             shutil.rmtree(final_dir)

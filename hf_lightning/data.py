@@ -57,14 +57,30 @@ def make_dataloader(args, dataset, collate_fn, batch_size: int, sampler, is_trai
         "multiprocessing_context": args.dataloader_multiprocessing_context,
         "in_order": args.dataloader_in_order,
     }
-    if not isinstance(dataset, IterableDataset):
-        if sampler is not None:
-            params["sampler"] = sampler
-        params["drop_last"] = args.dataloader_drop_last
-        if is_training:
-            params["worker_init_fn"] = partial(
-                seed_worker, num_workers=args.dataloader_num_workers, rank=args.process_index
+    shard = is_training and args.world_size > 1  # each process trains on its own batches, as accelerate shards them
+    if isinstance(dataset, IterableDataset):
+        if shard:
+            from transformers.trainer_pt_utils import IterableDatasetShard
+
+            dataset = IterableDatasetShard(
+                dataset, batch_size=batch_size, drop_last=args.dataloader_drop_last,
+                num_processes=args.world_size, process_index=args.process_index, seed=args.seed,
             )
+        return DataLoader(dataset, **params)
+    if is_training:
+        params["worker_init_fn"] = partial(seed_worker, num_workers=args.dataloader_num_workers, rank=args.process_index)
+    if shard:
+        from accelerate.data_loader import BatchSamplerShard
+        from torch.utils.data import BatchSampler
+
+        batches = BatchSampler(sampler if sampler is not None else SequentialSampler(dataset), batch_size,
+                               args.dataloader_drop_last)
+        del params["batch_size"]
+        params["batch_sampler"] = BatchSamplerShard(batches, args.world_size, args.process_index)
+        return DataLoader(dataset, **params)
+    if sampler is not None:
+        params["sampler"] = sampler
+    params["drop_last"] = args.dataloader_drop_last
     return DataLoader(dataset, **params)
 
 
@@ -83,6 +99,10 @@ class AccumulationWindows:
     # Lightning calls `set_epoch` on `.sampler` / `.batch_sampler` of each train dataloader at every epoch start.
     @property
     def sampler(self):
+        batch_sampler = getattr(self.dataloader, "batch_sampler", None)
+        inner = getattr(batch_sampler, "batch_sampler", None)  # accelerate's BatchSamplerShard
+        if inner is not None:
+            return inner.sampler
         return getattr(self.dataloader, "sampler", None)
 
     @property

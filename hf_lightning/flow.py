@@ -185,7 +185,7 @@ class TrainingFlow(pl.Callback):
 
     def _log_training_window(self) -> None:
         hf = self.hf
-        tr_loss = self.tr_loss.item()  # the one host sync, once per log
+        tr_loss = self._mean_over_processes(self.tr_loss).item()  # the one host sync, once per log
         self.tr_loss.zero_()
         logs = {"loss": tr_loss / (hf.state.global_step - self.globalstep_last_logged)}
         if self.grad_norm is not None:
@@ -195,6 +195,12 @@ class TrainingFlow(pl.Callback):
         self.globalstep_last_logged = hf.state.global_step
         hf.store_flos()
         hf.log(logs, self.start_time)
+
+    def _mean_over_processes(self, value: torch.Tensor) -> torch.Tensor:
+        module = self.hf.lightning_module
+        if module.trainer.world_size > 1:
+            return module.all_gather(value).float().mean()
+        return value
 
     def _begin_evaluation(self, stage: str) -> None:
         hf = self.hf
@@ -235,7 +241,7 @@ class TrainingFlow(pl.Callback):
 
     def on_train_end(self, trainer, pl_module):
         hf = self.hf
-        self.total_loss_scalar += self.tr_loss.item()
+        self.total_loss_scalar += self._mean_over_processes(self.tr_loss).item()
         num_steps = hf.state.global_step - self.initial_global_step
         train_loss = self.total_loss_scalar / max(num_steps, 0.001)
         metrics = speed_metrics(

@@ -97,6 +97,8 @@ def apply_log_levels(args: transformers.TrainingArguments) -> None:
         datasets.utils.logging.set_verbosity(level)
     except ImportError:  # pragma: no cover - datasets is a dependency
         pass
+    import lightning.pytorch  # noqa: F401 - importing it sets its own level, which must come first
+
     for name in _LOGGER_NAMES[2:]:
         logging.getLogger(name).setLevel(level)
 

@@ -25,7 +25,6 @@ from lightning.pytorch.strategies import ParallelStrategy
 from transformers.trainer_pt_utils import EvalLoopContainer, find_batch_size
 from transformers.trainer_utils import EvalPrediction, denumpify_detensorize
 
-from .data import count_items
 
 # Evaluation is optional (no eval_dataset, eval_strategy="no"); Lightning warns about it on every fit.
 warnings.filterwarnings("ignore", message=r".*defined a `validation_step` but have no `val_dataloader`.*")
@@ -97,11 +96,7 @@ class TransformersModule(pl.LightningModule):
         flow.before_window()
         hf.control = hf.callback_handler.on_step_begin(args, hf.state, hf.control)
         hf.current_gradient_accumulation_steps = len(window)
-        num_items = None
-        if hf.model_accepts_loss_kwargs or hf.compute_loss_func is not None:
-            num_items = count_items(window, hf._loss_shifts_labels)
-            if num_items is not None and args.average_tokens_across_devices and self.trainer.world_size > 1:
-                num_items = self.all_gather(num_items).sum()
+        num_items = hf._get_num_items_in_batch(window)
         strategy = self.trainer.strategy
         for i, inputs in enumerate(window):
             last = i == len(window) - 1

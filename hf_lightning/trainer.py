@@ -552,9 +552,7 @@ class Trainer:
                 labels = labels[0]
         with torch.no_grad():
             if has_labels or loss_without_labels:
-                num_items = hf_data.count_items([inputs], self._loss_shifts_labels)
-                if not self.model_accepts_loss_kwargs and self.compute_loss_func is None:
-                    num_items = None
+                num_items = self._get_num_items_in_batch([inputs])
                 with self.compute_loss_context_manager():
                     loss, outputs = self._call_compute_loss(
                         model, dict(inputs), return_outputs=True, num_items_in_batch=num_items
@@ -579,6 +577,27 @@ class Trainer:
             logits = logits[0]
         return (loss, logits, labels)
 
+    def _get_num_items_in_batch(self, batch_samples: list):
+        """transformers' count of label tokens over a window, summed over processes (average_tokens_across_devices)."""
+        if not (self.model_accepts_loss_kwargs or self.compute_loss_func is not None):
+            return None
+        num_items = hf_data.count_items(batch_samples, self._loss_shifts_labels)
+        module = self.lightning_module
+        if (
+            num_items is not None
+            and self.args.average_tokens_across_devices
+            and module is not None
+            and module._trainer is not None
+            and module.trainer.world_size > 1
+        ):
+            num_items = module.all_gather(num_items).sum()
+        return num_items
+
+    def end(self) -> None:
+        """As transformers' Trainer.end(): release the process group once everything that needs it is done."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
         main_input = getattr(self.model, "main_input_name", "input_ids")
         if main_input in inputs and hasattr(self.model, "num_parameters"):
@@ -600,7 +619,11 @@ class Trainer:
         self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs)
 
     def store_flos(self) -> None:
-        self.state.total_flos += self.current_flos
+        module = self.lightning_module
+        if module is not None and module._trainer is not None and module.trainer.world_size > 1:
+            self.state.total_flos += module.all_gather(torch.tensor(self.current_flos, dtype=torch.float64)).sum().item()
+        else:
+            self.state.total_flos += self.current_flos
         self.current_flos = 0
 
     # ------------------------------------------------------------------ the lightning.Trainer

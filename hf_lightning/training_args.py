@@ -256,8 +256,14 @@ def translate_arguments(args: transformers.TrainingArguments) -> dict[str, Any]:
     if args.use_cpu:
         kwargs["accelerator"] = "cpu"
     # transformers trains on the device of this process; a multi-process run comes from a launcher (torchrun,
-    # SLURM) or from an explicit lightning_trainer_kwargs={"devices": N}.
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    # accelerate launch, SLURM: Lightning reads its environment) or from lightning_trainer_kwargs={"devices": N}.
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
         kwargs["devices"] = 1
+    else:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        kwargs.update(devices=local, num_nodes=max(world_size // local, 1))
+        if kwargs["strategy"] == "auto":
+            kwargs["strategy"] = "ddp"
     kwargs.update(getattr(args, "lightning_trainer_kwargs", None) or {})
     return kwargs

@@ -1,0 +1,36 @@
+"""Launched by tests/test_distributed.py with `torchrun --nproc_per_node 2` (CPU, gloo), as transformers users do.
+
+    torchrun --nproc_per_node 2 ddp_job.py FRAMEWORK OUTPUT_DIR
+"""
+
+import json
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import transformers
+
+import hf_lightning
+from helpers import classification_dataset, lm_dataset, tiny_llama
+
+framework, output_dir = sys.argv[1], sys.argv[2]
+trainer_cls = transformers.Trainer if framework == "hf" else hf_lightning.Trainer
+args_cls = transformers.TrainingArguments if framework == "hf" else hf_lightning.TrainingArguments
+args = args_cls(
+    output_dir, per_device_train_batch_size=2, gradient_accumulation_steps=2, num_train_epochs=2, logging_steps=1,
+    learning_rate=5e-3, eval_strategy="epoch", save_strategy="epoch", report_to="none", disable_tqdm=True,
+    use_cpu=True, seed=3, log_level="info", log_level_replica="error", ddp_backend="gloo",
+)
+trainer = trainer_cls(tiny_llama(), args=args, train_dataset=lm_dataset(22), eval_dataset=lm_dataset(6, seed=5))
+trainer.train()
+rank = int(os.environ["RANK"])
+levels = {name: logging.getLogger(name).getEffectiveLevel() for name in ("transformers", "hf_lightning", "lightning.pytorch")}
+with open(os.path.join(output_dir, f"levels_{rank}.json"), "w") as f:
+    json.dump(levels, f)
+if trainer.is_world_process_zero():
+    trainer.save_model(os.path.join(output_dir, "final"))
+    with open(os.path.join(output_dir, "history.json"), "w") as f:
+        json.dump(trainer.state.log_history, f)
+trainer.end()  # transformers 5.24 aborts at exit without it ("terminate called without an active exception")

@@ -1,0 +1,82 @@
+"""Real multi-process runs: 2 CPU processes (gloo) launched by torchrun, as transformers users launch them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import safetensors.torch
+import torch
+
+import hf_lightning
+from helpers import lm_dataset, tiny_llama
+from differential import assert_same_history
+
+JOB = os.path.join(os.path.dirname(__file__), "jobs", "ddp_job.py")
+TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+
+
+def torchrun(framework, out):
+    proc = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(29500 + (os.getpid() % 1000)),
+                           JOB, framework, str(out)], capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    torchrun("hf", root / "hf")
+    torchrun("hl", root / "hl")
+    return root
+
+
+def test_ddp_training_matches_transformers(ddp_runs):
+    hf = json.load(open(ddp_runs / "hf" / "history.json"))
+    hl = json.load(open(ddp_runs / "hl" / "history.json"))
+    train = lambda history: [e for e in history if "eval_loss" not in e]  # noqa: E731
+    assert_same_history(train(hf), train(hl))
+    a = safetensors.torch.load_file(ddp_runs / "hf" / "final" / "model.safetensors")
+    b = safetensors.torch.load_file(ddp_runs / "hl" / "final" / "model.safetensors")
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+    # Both processes wrote their RNG state into each checkpoint; only rank 0 wrote the rest.
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(os.listdir(ddp_runs / "hl" / "checkpoint-6"))
+    assert sorted(os.listdir(ddp_runs / "hl" / "checkpoint-6")) == sorted(
+        os.listdir(ddp_runs / "hf" / "checkpoint-6") + ["lightning.ckpt"])
+
+
+def test_ddp_eval_loss_is_the_single_process_value(ddp_runs, tmp_path):
+    # transformers 5.24 normalises each sharded eval batch by the token count of *both* processes' batches, so its
+    # DDP eval_loss depends on the world size; here every process evaluates the whole set and gets the true value.
+    hl = json.load(open(ddp_runs / "hl" / "history.json"))
+    model = type(tiny_llama()).from_pretrained(ddp_runs / "hl" / "final")
+    args = hf_lightning.TrainingArguments(str(tmp_path), report_to="none", use_cpu=True)
+    metrics = hf_lightning.Trainer(model, args=args, eval_dataset=lm_dataset(6, seed=5)).evaluate()
+    assert metrics["eval_loss"] == pytest.approx([e for e in hl if "eval_loss" in e][-1]["eval_loss"], rel=1e-5)
+
+
+def test_log_level_and_replica_level(ddp_runs):
+    main = json.load(open(ddp_runs / "hl" / "levels_0.json"))
+    replica = json.load(open(ddp_runs / "hl" / "levels_1.json"))
+    assert set(main.values()) == {logging.INFO}
+    assert set(replica.values()) == {logging.ERROR}
+
+
+def test_passive_log_level_leaves_levels_alone(tmp_path):
+    logging.getLogger("transformers").setLevel(logging.CRITICAL)
+    try:
+        hf_lightning.Trainer(tiny_llama(), args=hf_lightning.TrainingArguments(str(tmp_path), log_level="passive"))
+        assert logging.getLogger("transformers").level == logging.CRITICAL
+        hf_lightning.Trainer(tiny_llama(), args=hf_lightning.TrainingArguments(str(tmp_path), log_level="debug"))
+        assert logging.getLogger("transformers").getEffectiveLevel() == logging.DEBUG
+        assert logging.getLogger("hf_lightning").level == logging.DEBUG
+    finally:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_warning()
+        logging.getLogger("hf_lightning").setLevel(logging.NOTSET)
