@@ -283,8 +283,10 @@ def set_rng_state(state: dict) -> None:
 
 
 def _torch_load(path: str, what: str):
+    from .optimizers import optimizer_state_globals
+
     try:
-        with safe_globals():
+        with safe_globals(), torch.serialization.safe_globals(optimizer_state_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - re-raised with the file named
         raise ValueError(f"Cannot read {what} from {path!r} ({type(err).__name__}: {err}). The file is corrupt, "
@@ -362,10 +364,10 @@ def _load_into(target, state_dict, source: str) -> None:
     if isinstance(target, torch.optim.Optimizer) and state_dict.get("param_groups"):
         saved = set(state_dict["param_groups"][0]) - {"params"}
         current = set(target.param_groups[0]) - {"params"}
-        if saved != current:
+        if current - saved:
             raise ValueError(
-                f"{source} was written by another optimizer than this run's {type(target).__name__} (its settings "
-                f"differ: {sorted(saved ^ current)}). Resume with the `optim` the checkpoint was written with."
+                f"{source} was written by another optimizer than this run's {type(target).__name__} (it lacks the "
+                f"settings {sorted(current - saved)}). Resume with the `optim` the checkpoint was written with."
             )
     try:
         target.load_state_dict(state_dict)

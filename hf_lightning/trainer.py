@@ -44,6 +44,7 @@ from transformers.trainer_callback import (
 )
 from transformers.trainer_pt_utils import (
     LabelSmoother,
+    LayerWiseDummyOptimizer,
     get_parameter_names,
     log_metrics,
     metrics_format,
@@ -64,6 +65,7 @@ from transformers.utils.generic import can_return_loss, find_labels
 
 from . import checkpoint as ckpt
 from . import data as hf_data
+from . import optimizers as hf_optimizers
 from .callbacks import CallbackHandler, split_callbacks
 from .loggers import apply_log_levels, make_loggers
 from .training_args import check_supported, translate_arguments
@@ -418,19 +420,29 @@ class Trainer:
             if self.optimizer_cls_and_kwargs is not None:
                 optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
             else:
-                optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+                try:
+                    with hf_optimizers.lookup_fixes(self.args):
+                        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+                except ImportError as err:
+                    raise ImportError(
+                        f"TrainingArguments.optim={self.args.optim!r} needs a package that is not installed: {err} "
+                        "The optimizers of the transformers guide install with: pip install 'hf-lightning[optimizers]'."
+                    ) from err
             optimizer_kwargs = dict(optimizer_kwargs)
             for key in ("params", "model", "optimizer_dict"):  # GaLore, LOMO and layer-wise optimizers
                 if key in optimizer_kwargs:
                     groups = optimizer_kwargs.pop(key)
-            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
-        return self.optimizer
+            self.optimizer = hf_optimizers.build_optimizer(optimizer_cls, groups, optimizer_kwargs)
+        return hf_optimizers.adapt_for_lightning(self.optimizer)
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        optimizer = self.optimizer if optimizer is None else optimizer
+        if self.lr_scheduler is None and isinstance(optimizer, LayerWiseDummyOptimizer):
+            self.lr_scheduler = hf_optimizers.layerwise_scheduler(self.args, optimizer, num_training_steps)
         if self.lr_scheduler is None:
             self.lr_scheduler = transformers.get_scheduler(
                 self.args.lr_scheduler_type,
-                optimizer=self.optimizer if optimizer is None else optimizer,
+                optimizer=optimizer,
                 num_warmup_steps=self.args.get_warmup_steps(num_training_steps),
                 num_training_steps=num_training_steps,
                 scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
@@ -532,7 +544,10 @@ class Trainer:
             ) or self.compute_loss_func is not None
         if not scaled_for_accumulation:
             loss = loss / self.current_gradient_accumulation_steps
-        self.lightning_module.manual_backward(loss)
+        if hf_optimizers.is_lomo(self.optimizer):  # LOMO/AdaLomo update the weights during backward
+            self.optimizer.fused_backward(loss, self._get_learning_rate())
+        else:
+            self.lightning_module.manual_backward(loss)
         return loss.detach()
 
     def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys: list[str] | None = None):
@@ -672,6 +687,11 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = args.tf32
 
         resume_from_checkpoint = ckpt.resolve_resume_path(args, resume_from_checkpoint)
+        neftune_handle = None
+        if self.neftune_noise_alpha is not None:
+            from transformers.integrations.neftune import activate_neftune
+
+            neftune_handle = activate_neftune(self.model, self.neftune_noise_alpha)
 
         micro_loader = self.get_train_dataloader()
         self._check_batch_fits_model(micro_loader, "training")
@@ -709,6 +729,10 @@ class Trainer:
             )
         finally:
             self.is_in_train = False
+            if neftune_handle is not None:  # also when training ended by an exception
+                from transformers.integrations.neftune import deactivate_neftune
+
+                deactivate_neftune(self.model, neftune_handle)
         return flow.train_output
 
     def _training_plan(self, micro_loader: DataLoader) -> dict[str, Any]:

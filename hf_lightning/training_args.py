@@ -59,7 +59,7 @@ FIELD_POLICY: dict[str, tuple[str, str]] = {
     "use_liger_kernel": (UNSUPPORTED, "not implemented yet"),
     "liger_kernel_config": (UNSUPPORTED, "not implemented yet"),
     "use_cache": (HONOURED, "model.config.use_cache"),
-    "neftune_noise_alpha": (UNSUPPORTED, "not implemented yet"),
+    "neftune_noise_alpha": (HONOURED, "transformers' NEFTune hook on the input embeddings during train()"),
     "torch_empty_cache_steps": (HONOURED, "device cache emptied every N steps"),
     "auto_find_batch_size": (UNSUPPORTED, "not implemented yet"),
     "logging_strategy": (HONOURED, "DefaultFlowCallback sets should_log"),

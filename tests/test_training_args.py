@@ -27,7 +27,6 @@ def test_every_transformers_field_is_classified():
 UNSUPPORTED_EXAMPLES = {
     "torch_compile": True,
     "use_liger_kernel": True,
-    "neftune_noise_alpha": 5.0,
     "auto_find_batch_size": True,
     "push_to_hub": True,
     "fsdp": "full_shard",
