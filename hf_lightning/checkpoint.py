@@ -78,6 +78,8 @@ def save_model_folder(hf, output_dir: str) -> None:
     """save_pretrained (or safetensors for a plain nn.Module), the processing class and training_args.bin."""
     if not hf.args.should_save:
         return
+    if hasattr(hf.optimizer, "eval") and callable(hf.optimizer.eval):  # schedule-free: the averaged weights
+        hf.optimizer.eval()
     os.makedirs(output_dir, exist_ok=True)
     model = hf.model
     if hasattr(model, "save_pretrained"):
@@ -107,7 +109,17 @@ def _rng_file(args) -> str:
 
 
 def save_checkpoint(hf) -> str:
-    """Write output_dir/checkpoint-{global_step}/ atomically; returns its path."""
+    """Write output_dir/checkpoint-{global_step}/ atomically; returns its path.
+
+    A schedule-free optimizer is switched to eval() mode first, so that the saved weights are the averaged ones a
+    user deploys (transformers 5.24 saves the training iterate); training_step switches it back to train()."""
+    optimizer = hf.optimizer
+    if hasattr(optimizer, "eval") and callable(optimizer.eval):
+        optimizer.eval()
+    return _save_checkpoint(hf)
+
+
+def _save_checkpoint(hf) -> str:
     args, state = hf.args, hf.state
     name = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
     final_dir = os.path.join(args.output_dir, name)

@@ -103,7 +103,7 @@ def test_missing_optimizer_package_names_the_extra(tmp_path):
 
 def test_schedule_free_modes_and_eval_before_save(tmp_path):
     pytest.importorskip("schedulefree")
-    modes = []
+    modes, at_save = [], {}
 
     class Spy(transformers.TrainerCallback):
         def on_step_end(self, args, state, control, optimizer=None, **kwargs):
@@ -112,7 +112,11 @@ def test_schedule_free_modes_and_eval_before_save(tmp_path):
         def on_evaluate(self, args, state, control, optimizer=None, **kwargs):
             modes.append(("evaluate", optimizer.param_groups[0]["train_mode"]))
 
-    args = hf_lightning.TrainingArguments(str(tmp_path), optim="schedule_free_adamw", max_steps=4, save_steps=4,
+        def on_save(self, args, state, control, optimizer=None, model=None, **kwargs):
+            modes.append(("save", optimizer.param_groups[0]["train_mode"]))
+            at_save[state.global_step] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    args = hf_lightning.TrainingArguments(str(tmp_path), optim="schedule_free_adamw", max_steps=4, save_steps=3,
                                           eval_strategy="steps", eval_steps=2, report_to="none", learning_rate=1e-2)
     trainer = hf_lightning.Trainer(tiny_llama(), args=args, train_dataset=lm_dataset(16),
                                    eval_dataset=lm_dataset(4), callbacks=[Spy()])
@@ -121,11 +125,18 @@ def test_schedule_free_modes_and_eval_before_save(tmp_path):
     # The saved weights are the eval-mode (averaged) ones, not the training iterate (transformers 5.24 saves the latter).
     import safetensors.torch
 
-    saved = safetensors.torch.load_file(os.path.join(tmp_path, "checkpoint-4", "model.safetensors"))
-    trainer.optimizer.eval()
+    assert modes[:5] == [("step", True), ("step", True), ("evaluate", False), ("step", True), ("save", False)]
+    assert modes[5] == ("step", True)  # training went on in train mode
+    # checkpoint-3 holds the eval-mode (averaged) weights, not the training iterate.
+    saved = safetensors.torch.load_file(os.path.join(tmp_path, "checkpoint-3", "model.safetensors"))
+    for name, value in saved.items():
+        assert torch.equal(value, at_save[3][name]), name
+    # ... and resuming from it ends exactly where the uninterrupted run did.
+    resumed = hf_lightning.Trainer(tiny_llama(seed=3), args=args, train_dataset=lm_dataset(16),
+                                   eval_dataset=lm_dataset(4))
+    resumed.train(resume_from_checkpoint=os.path.join(tmp_path, "checkpoint-3"))
     for name, value in trainer.model.state_dict().items():
-        if name in saved:
-            assert torch.equal(saved[name], value), name
+        assert torch.equal(resumed.model.state_dict()[name], value), name
 
 
 def test_neftune_noise_only_in_training_and_removed_after(tmp_path):
