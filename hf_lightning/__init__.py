@@ -18,6 +18,7 @@ from transformers import (
 )
 from transformers.trainer_utils import IntervalStrategy, PredictionOutput, TrainOutput, get_last_checkpoint
 
+from .checkpoint import model_from_lightning_checkpoint
 from .trainer import Trainer
 from .training_args import TrainingArguments
 
@@ -39,5 +40,6 @@ __all__ = [
     "TrainingArguments",
     "default_data_collator",
     "get_last_checkpoint",
+    "model_from_lightning_checkpoint",
     "set_seed",
 ]

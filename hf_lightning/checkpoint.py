@@ -410,3 +410,24 @@ def _move_lightning_counters(trainer, global_step: int, epochs_trained: int) -> 
         tracker.ready = tracker.started = tracker.processed = tracker.completed = epochs_trained
     step_progress = fit_loop.epoch_loop.manual_optimization.optim_step_progress
     step_progress.total.ready = step_progress.total.completed = global_step
+
+
+def model_from_lightning_checkpoint(path: str):
+    """Rebuild the trained transformers model from a `lightning.ckpt` alone (its config and class travel in
+    `hyper_parameters`, its weights in `state_dict`)."""
+    import transformers
+
+    checkpoint = _torch_load(path, "a Lightning checkpoint")
+    hparams = checkpoint.get("hyper_parameters", {})
+    if "model_config" not in hparams or "model_class" not in hparams:
+        raise ValueError(f"{path!r} carries no model config: it was not written by hf_lightning from a transformers model.")
+    config_dict = dict(hparams["model_config"])
+    config = transformers.AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+    model_cls = getattr(transformers, hparams["model_class"], None)
+    if model_cls is None:
+        raise ValueError(f"{path!r}: transformers has no class {hparams['model_class']}.")
+    model = model_cls(config)
+    weights = {k[len("model.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    _load_state_dict_checked(model, weights, path)
+    return model
+

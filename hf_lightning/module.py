@@ -67,7 +67,12 @@ class TransformersModule(pl.LightningModule):
         self.automatic_optimization = False
         self.model = hf_trainer.model
         self.__dict__["_hf"] = hf_trainer  # a plain reference: not a submodule, not a hyperparameter
-        self.save_hyperparameters({"training_args": hf_trainer.args.to_dict()})
+        hparams = {"training_args": hf_trainer.args.to_dict()}
+        config = getattr(self.model, "config", None)
+        if config is not None and hasattr(config, "to_dict"):  # enough to rebuild the model from the .ckpt alone
+            hparams["model_class"] = type(self.model).__name__
+            hparams["model_config"] = config.to_dict()
+        self.save_hyperparameters(hparams)
         self._runs: list[_EvaluationRun] = []
         self._ignore_keys = None
         self.finished_evaluations: list[EvaluationOutput] = []

@@ -109,8 +109,9 @@ def test_killed_while_saving_never_leaves_a_partial_latest(uninterrupted, tmp_pa
 
 
 def _trainer(tmp_path, **kw):
-    args = hf_lightning.TrainingArguments(str(tmp_path), per_device_train_batch_size=4, max_steps=4, save_steps=2,
-                                          report_to="none", disable_tqdm=True, **kw)
+    options = dict(per_device_train_batch_size=4, max_steps=4, save_steps=2, report_to="none", disable_tqdm=True)
+    options.update(kw)
+    args = hf_lightning.TrainingArguments(str(tmp_path), **options)
     return hf_lightning.Trainer(tiny_bert(), args=args, train_dataset=classification_dataset(16))
 
 
@@ -173,3 +174,32 @@ def test_best_model_and_total_limit(tmp_path):
     for name, value in trainer.model.state_dict().items():
         if name in saved:
             assert torch.equal(value, saved[name]), name
+
+
+def test_model_rebuilt_from_the_lightning_checkpoint_alone(tmp_path):
+    trainer = _trainer(tmp_path)
+    trainer.train()
+    model = hf_lightning.model_from_lightning_checkpoint(str(tmp_path / "checkpoint-4" / "lightning.ckpt"))
+    assert type(model) is type(trainer.model)
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+
+
+def test_save_options(tmp_path):
+    # save_steps as a ratio of max_steps, save_only_model, no Lightning file.
+    trainer = _trainer(tmp_path / "a", save_steps=0.5, save_only_model=True, save_lightning_checkpoint=False)
+    trainer.train()
+    assert sorted(os.listdir(tmp_path / "a")) == ["checkpoint-2", "checkpoint-4"]
+    files = set(os.listdir(tmp_path / "a" / "checkpoint-2"))
+    assert "model.safetensors" in files and not files & {"optimizer.pt", "scheduler.pt", "lightning.ckpt"}
+    # save_strategy="best": a folder only when the metric improved.
+    def metric(pred):
+        metric.calls += 1
+        return {"score": [0.5, 0.4, 0.6, 0.1][metric.calls - 1]}
+    metric.calls = 0
+    args = hf_lightning.TrainingArguments(str(tmp_path / "b"), per_device_train_batch_size=4, max_steps=4,
+                                          eval_strategy="steps", eval_steps=1, save_strategy="best",
+                                          metric_for_best_model="score", greater_is_better=True, report_to="none")
+    hf_lightning.Trainer(tiny_bert(), args=args, train_dataset=classification_dataset(16),
+                         eval_dataset=classification_dataset(4), compute_metrics=metric).train()
+    assert sorted(os.listdir(tmp_path / "b")) == ["checkpoint-1", "checkpoint-3"]
