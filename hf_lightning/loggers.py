@@ -23,6 +23,8 @@ def _csv(args, save_dir, name):
 def _mlflow(args, save_dir, name):
     from lightning.pytorch.loggers import MLFlowLogger
 
+    # Without a tracking server the run goes to a local file store under output_dir (MLflow 3 wants an opt-in).
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     return MLFlowLogger(
         experiment_name=args.project or "huggingface",
         run_name=name,

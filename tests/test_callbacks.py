@@ -246,3 +246,31 @@ def test_report_to_unknown_and_logger_instances(tmp_path):
     trainer.train()
     assert trainer.lightning_trainer.loggers == [logger]
     assert os.path.isfile(os.path.join(logger.log_dir, "metrics.csv"))
+
+
+def test_report_to_mlflow_and_wandb_offline(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    pytest.importorskip("wandb")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    trainer = hf_lightning.Trainer(tiny_bert(), args=_args(tmp_path, max_steps=3, logging_steps=1,
+                                                           report_to=["mlflow", "wandb"], run_name="both"),
+                                   train_dataset=classification_dataset(8))
+    trainer.train()
+    loggers = {type(lg).__name__: lg for lg in trainer.lightning_trainer.loggers}
+    mlflow_logger = loggers["MLFlowLogger"]
+    history = MlflowClient(mlflow_logger._tracking_uri).get_metric_history(mlflow_logger.run_id, "loss")
+    expected = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert [m.step for m in history] == [1, 2, 3]
+    assert [m.value for m in history] == pytest.approx(expected, rel=1e-6)
+    assert MlflowClient(mlflow_logger._tracking_uri).get_run(mlflow_logger.run_id).info.run_name == "both"
+    # wandb ran offline (no network) and wrote the metrics into its local run file.
+    runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len(runs) == 1
+    import wandb
+
+    wandb.finish()
+    content = open(runs[0], "rb").read()
+    assert b"grad_norm" in content and b"learning_rate" in content
