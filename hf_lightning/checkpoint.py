@@ -128,9 +128,13 @@ def _save_checkpoint(hf) -> str:
     if args.should_save:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     strategy.barrier("hf_lightning.save_checkpoint.start")
+    hf.store_flos()
     save_model_folder(hf, tmp_dir)
-    if state.best_global_step:
-        state.best_model_checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.best_global_step}")
+    if state.best_global_step and args.save_strategy in ("steps", "epoch", "best"):
+        best_dir = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.best_global_step}")
+        # As transformers: only a folder that exists (this one, being written, or an earlier one).
+        if state.best_global_step == state.global_step or os.path.isdir(best_dir):
+            state.best_model_checkpoint = best_dir
     if not args.save_only_model:
         if args.should_save:
             os.makedirs(tmp_dir, exist_ok=True)

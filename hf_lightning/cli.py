@@ -122,14 +122,21 @@ def run(parser, cfg) -> int:
     from . import Trainer
 
     splits = load_data(data_cfg, subcommand)
-    labels = label_names(splits, data_cfg) if model_cfg.task == "sequence-classification" else None
-    model = load_model(model_cfg, labels or None)
-    if model_cfg.task == "sequence-classification":
-        if labels:  # kept in the saved config, so that `predict` on the fine-tuned folder names the classes
-            model.config.id2label = {i: str(label) for i, label in enumerate(labels)}
-            model.config.label2id = {str(label): i for i, label in enumerate(labels)}
-        else:
-            labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    classify = model_cfg.task == "sequence-classification"
+    if classify and subcommand == "fit":
+        labels = label_names(splits, data_cfg)
+        model = load_model(model_cfg, labels)
+        # Kept in the saved config, so that validate/predict on the fine-tuned folder know the classes.
+        model.config.id2label = {i: str(label) for i, label in enumerate(labels)}
+        model.config.label2id = {str(label): i for i, label in enumerate(labels)}
+    else:
+        model = load_model(model_cfg, None)
+        labels = [model.config.id2label[i] for i in range(model.config.num_labels)] if classify else None
+        unknown = sorted(set(map(str, label_names(splits, data_cfg))) - set(map(str, labels or []))) if classify else []
+        if unknown:
+            raise UsageError(
+                f"labels {unknown[:5]} in the data are not classes of the model ({', '.join(map(str, labels))})."
+            )
     tokenizer = load_tokenizer(model_cfg)
     tokenized = {name: tokenize(ds, tokenizer, data_cfg, model_cfg.task, labels) for name, ds in splits.items()}
     trainer = Trainer(

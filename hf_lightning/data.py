@@ -95,6 +95,7 @@ class AccumulationWindows:
         self.dataloader = dataloader
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self.skip_windows = 0
+        self.on_empty_epoch = None  # called when an epoch yields nothing (a stream that ran dry)
 
     # Lightning calls `set_epoch` on `.sampler` / `.batch_sampler` of each train dataloader at every epoch start.
     @property
@@ -121,13 +122,17 @@ class AccumulationWindows:
     def __iter__(self) -> Iterator[list]:
         iterator = self._micro_batches()
         window: list = []
+        empty = True
         for batch in iterator:
+            empty = False
             window.append(batch)
             if len(window) == self.gradient_accumulation_steps:
                 yield window
                 window = []
         if window:
             yield window
+        if empty and self.on_empty_epoch is not None:
+            self.on_empty_epoch()
 
     def _micro_batches(self) -> Iterator:
         skip = self.skip_windows * self.gradient_accumulation_steps

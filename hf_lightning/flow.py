@@ -59,6 +59,8 @@ class TrainingFlow(pl.Callback):
 
     def setup(self, trainer, pl_module, stage):
         pl_module.flow = self
+        # An empty epoch must end the run before Lightning asks the empty iterator for a batch.
+        self.windows.on_empty_epoch = lambda: setattr(trainer, "should_stop", True)
         trainer.fit_loop.epoch_loop._should_check_val_fx = self.should_validate_now
 
     def should_validate_now(self, *_args) -> bool:
@@ -79,7 +81,7 @@ class TrainingFlow(pl.Callback):
             self.windows.skip_windows = self._resume.windows_to_skip
         self.initial_global_step = hf.state.global_step
         self.globalstep_last_logged = hf.state.global_step
-        self.initial_tokens_seen = hf.state.num_input_tokens_seen
+        hf._initial_num_input_tokens_seen = hf.state.num_input_tokens_seen
         logger.info(
             "***** Running training ***** examples=%s epochs=%s update steps=%s total batch size=%s",
             hf.num_examples(self.windows.dataloader),
@@ -100,7 +102,7 @@ class TrainingFlow(pl.Callback):
         hf = self.hf
         self._epoch_end_fired = False
         self.micro_batches_in_epoch = 0
-        if self._resume is not None and self._resume.windows_to_skip:
+        if self._resume is not None and trainer.current_epoch == self._resume.epochs_trained:
             self.micro_batches_in_epoch = self._resume.windows_to_skip * hf.args.gradient_accumulation_steps
         if self._resume is not None:
             self._resume.restore_rng_at_epoch_start(trainer.current_epoch)
@@ -116,7 +118,10 @@ class TrainingFlow(pl.Callback):
             self.tr_loss += loss
         hf.current_flos += float(hf.floating_point_ops(inputs))
         if hf.args.include_num_input_tokens_seen != "no":
-            hf.state.num_input_tokens_seen += _count_tokens(hf, inputs)
+            tokens = _count_tokens(hf, inputs)
+            if hf.lightning_module.trainer.world_size > 1:  # transformers counts every process's tokens
+                tokens = int(hf.lightning_module.all_gather(torch.tensor(tokens)).sum())
+            hf.state.num_input_tokens_seen += tokens
         self.micro_batches_in_epoch += 1
 
     def before_window(self) -> None:
@@ -141,6 +146,12 @@ class TrainingFlow(pl.Callback):
         # Reached when Lightning ended the epoch on its own (e.g. a Lightning EarlyStopping set trainer.should_stop).
         if not self._epoch_end_fired:
             hf = self.hf
+            if self.micro_batches_in_epoch == 0:  # a stream that ran dry: transformers stops training here
+                logger.warning(
+                    "The training data yielded no batch this epoch: stopping at step %s (an IterableDataset with "
+                    "fewer rows than max_steps needs).", hf.state.global_step
+                )
+                trainer.should_stop = True
             if trainer.should_stop:
                 hf.control.should_training_stop = True
             self._fire_epoch_end()
@@ -211,6 +222,8 @@ class TrainingFlow(pl.Callback):
             [f"eval_{name}" for name in hf.eval_dataset] if isinstance(hf.eval_dataset, dict) else ["eval"]
         )
         hf.lightning_module.begin_evaluation(prefixes, self.ignore_keys_for_eval, description="Evaluation")
+        loaders = hf.lightning_trainer.val_dataloaders if hf.lightning_trainer is not None else None
+        hf.callback_handler.eval_dataloader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
 
     def on_validation_end(self, trainer, pl_module):
         if self._eval_pending is None:
@@ -220,6 +233,7 @@ class TrainingFlow(pl.Callback):
         metrics: dict[str, float] = {}
         for output in pl_module.finished_evaluations:
             metrics.update(hf._report_evaluation(output))
+        pl_module.end_evaluation()  # predictions are not kept alive for the rest of training
         if stage == "start":  # eval_on_start: no best-metric bookkeeping, no save, no scheduler step
             return
         self._last_validated_step = hf.state.global_step

@@ -112,16 +112,25 @@ class TransformersModule(pl.LightningModule):
             if not last:
                 hf.control = hf.callback_handler.on_substep_end(args, hf.state, hf.control)
         optimizer = self.optimizers()
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        scale_before = scaler.get_scale() if scaler is not None else None
         optimizer.step()  # Lightning's precision plugin calls on_before_optimizer_step (below) first
         hf.control = hf.callback_handler.on_optimizer_step(args, hf.state, hf.control)
         flow.learning_rate = hf._get_learning_rate()
-        if not isinstance(hf.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        # fp16: the scaler skips the step on inf/nan gradients and lowers its scale; transformers then keeps the lr.
+        step_skipped = scaler is not None and scaler.get_scale() < scale_before
+        if not step_skipped and not isinstance(hf.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             hf.lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
     def on_before_optimizer_step(self, optimizer):
         """After unscaling (fp16) and before the step: transformers clips here, then fires on_pre_optimizer_step."""
         hf = self._hf
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            # Lightning leaves unscaling to optimizers that do it inside step() (fused AdamW, transformers' default);
+            # the norm and the clipping must see the true gradients (torch's GradScaler.step accepts this).
+            scaler.unscale_(optimizer)
         max_norm = hf.args.max_grad_norm if hf.args.max_grad_norm and hf.args.max_grad_norm > 0 else float("inf")
         wrapped = self.trainer.model
         if hasattr(wrapped, "clip_grad_norm_"):  # FSDP shards the gradients: it owns the norm
@@ -137,6 +146,11 @@ class TransformersModule(pl.LightningModule):
     def begin_evaluation(self, prefixes: list[str], ignore_keys, description: str) -> None:
         self._runs = [_EvaluationRun(self._hf, prefix, description) for prefix in prefixes]
         self._ignore_keys = ignore_keys
+        self.finished_evaluations = []
+
+    def end_evaluation(self) -> None:
+        """Drop the gathered predictions once they are reported."""
+        self._runs = []
         self.finished_evaluations = []
 
     def on_validation_start(self):

@@ -231,6 +231,8 @@ class Trainer:
         self._train_batch_size = args.train_batch_size
         self.lightning_trainer = None  # the lightning.Trainer in use, created by train()/evaluate()/predict()
         self.lightning_module = None  # the LightningModule around self.model
+        self._created_lr_scheduler = False
+        self._initial_num_input_tokens_seen = 0
         self._model_prepared = False  # transformers reports model_preparation_time when evaluate() comes first
         self.model_preparation_time: float | None = None
         self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
@@ -468,6 +470,7 @@ class Trainer:
         if self.lr_scheduler is None and isinstance(optimizer, LayerWiseDummyOptimizer):
             self.lr_scheduler = hf_optimizers.layerwise_scheduler(self.args, optimizer, num_training_steps)
         if self.lr_scheduler is None:
+            self._created_lr_scheduler = True  # rebuilt by the next train(), as transformers does
             self.lr_scheduler = transformers.get_scheduler(
                 self.args.lr_scheduler_type,
                 optimizer=optimizer,
@@ -655,6 +658,9 @@ class Trainer:
             logs["epoch"] = self.state.epoch
         if self.args.include_num_input_tokens_seen != "no":
             logs["num_input_tokens_seen"] = self.state.num_input_tokens_seen
+            if start_time is not None:
+                tokens = self.state.num_input_tokens_seen - self._initial_num_input_tokens_seen
+                logs.update(speed_metrics("train", start_time, num_tokens=tokens))
         output = {**logs, "step": self.state.global_step}
         self.state.log_history.append(output)
         if self.lightning_module is not None:
@@ -707,9 +713,16 @@ class Trainer:
             self.model = self.call_model_init()
             self._check_model(self.model)
             self.optimizer, self.lr_scheduler = None, None
+        if self._created_lr_scheduler:  # a schedule this Trainer built ran to its end: a new train() gets a new one
+            self.lr_scheduler, self._created_lr_scheduler = None, False
         if args.activation_checkpointing or args.gradient_checkpointing:
-            gc_kwargs = args.activation_checkpointing_kwargs or args.gradient_checkpointing_kwargs or None
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+            # transformers' split: every_n_layers / offload select and place, the rest goes to torch.utils.checkpoint.
+            gc_kwargs = dict(args.activation_checkpointing_kwargs or args.gradient_checkpointing_kwargs or {})
+            options = {"every_n_layers": gc_kwargs.pop("every_n_layers", 1), "offload": gc_kwargs.pop("offload", False)}
+            if hasattr(self.model, "activation_checkpointing_enable"):
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs or None, **options)
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs or None, **options)
         if args.tf32 is not None and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = args.tf32
             torch.backends.cudnn.allow_tf32 = args.tf32
@@ -824,11 +837,13 @@ class Trainer:
             loaders = [(metric_key_prefix + prefix[len("eval") :], loader) for prefix, loader in loaders]
         module = self._lightning_module()
         module.begin_evaluation([p for p, _ in loaders], ignore_keys, description="Evaluation")
+        self.callback_handler.eval_dataloader = loaders[0][1]
         trainer = self.lightning_trainer or self._new_lightning_trainer()
         trainer.validate(module, dataloaders=[loader for _, loader in loaders], verbose=False)
         metrics: dict[str, float] = {}
         for output in module.finished_evaluations:
             metrics.update(self._report_evaluation(output))
+        module.end_evaluation()
         return metrics
 
     def _report_evaluation(self, output) -> dict[str, float]:
@@ -852,9 +867,11 @@ class Trainer:
         loader = self.get_test_dataloader(test_dataset)
         module = self._lightning_module()
         module.begin_evaluation([metric_key_prefix], ignore_keys, description="Prediction")
+        self.callback_handler.eval_dataloader = loader
         trainer = self.lightning_trainer or self._new_lightning_trainer()
         trainer.test(module, dataloaders=loader, verbose=False)
         output = module.finished_evaluations[0]
+        module.end_evaluation()
         metrics = output.metrics
         total_batch_size = self.args.eval_batch_size * self.args.world_size
         metrics.update(

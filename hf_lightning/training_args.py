@@ -129,9 +129,9 @@ FIELD_POLICY: dict[str, tuple[str, str]] = {
     "ddp_static_graph": (LIGHTNING, "DDPStrategy(static_graph=...)"),
     "ddp_backend": (LIGHTNING, "DDPStrategy(process_group_backend=...)"),
     "ddp_timeout": (LIGHTNING, "DDPStrategy(timeout=...)"),
-    "fsdp": (UNSUPPORTED, "use lightning_trainer_kwargs={'strategy': 'fsdp'}"),
-    "fsdp_config": (UNSUPPORTED, "use lightning_trainer_kwargs={'strategy': FSDPStrategy(...)}"),
-    "deepspeed": (UNSUPPORTED, "use lightning_trainer_kwargs={'strategy': 'deepspeed_stage_2'}"),
+    "fsdp": (UNSUPPORTED, "sharded strategies are not supported yet (checkpoints need a sharded-state save)"),
+    "fsdp_config": (UNSUPPORTED, "sharded strategies are not supported yet"),
+    "deepspeed": (UNSUPPORTED, "sharded strategies are not supported yet"),
     "debug": (UNSUPPORTED, "not implemented yet"),
     "skip_memory_metrics": (UNSUPPORTED, "memory metrics are not implemented yet"),
     "do_train": (HONOURED, "read by scripts, not by the Trainer (as transformers)"),
@@ -140,7 +140,7 @@ FIELD_POLICY: dict[str, tuple[str, str]] = {
     "resume_from_checkpoint": (HONOURED, "read by scripts, not by the Trainer (as transformers)"),
     "local_rank": (LIGHTNING, "set by the launcher; Lightning reads the environment"),
     # Added by hf_lightning.TrainingArguments:
-    "lightning_trainer_kwargs": (LIGHTNING, "passed verbatim to lightning.Trainer (devices, strategy, num_nodes ...)"),
+    "lightning_trainer_kwargs": (LIGHTNING, "passed to lightning.Trainer (plugins, profiler, strategy options ...)"),
     "save_lightning_checkpoint": (HONOURED, "checkpoint-N/lightning.ckpt written beside the HF files"),
 }
 
@@ -256,7 +256,7 @@ def translate_arguments(args: transformers.TrainingArguments) -> dict[str, Any]:
     if args.use_cpu:
         kwargs["accelerator"] = "cpu"
     # transformers trains on the device of this process; a multi-process run comes from a launcher (torchrun,
-    # accelerate launch, SLURM: Lightning reads its environment) or from lightning_trainer_kwargs={"devices": N}.
+    # accelerate launch, SLURM), whose environment Lightning reads.
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         kwargs["devices"] = 1
@@ -265,5 +265,37 @@ def translate_arguments(args: transformers.TrainingArguments) -> dict[str, Any]:
         kwargs.update(devices=local, num_nodes=max(world_size // local, 1))
         if kwargs["strategy"] == "auto":
             kwargs["strategy"] = "ddp"
-    kwargs.update(getattr(args, "lightning_trainer_kwargs", None) or {})
+    extra = getattr(args, "lightning_trainer_kwargs", None) or {}
+    _check_lightning_kwargs(extra, world_size)
+    kwargs.update(extra)
     return kwargs
+
+
+def _asks_for_several_processes(devices, num_nodes) -> bool:
+    if isinstance(num_nodes, int) and num_nodes > 1:
+        return True
+    if isinstance(devices, (list, tuple)):
+        return len(devices) > 1
+    if devices in (-1, "-1", "auto"):  # all devices: several only where there are several GPUs
+        import torch
+
+        return torch.cuda.device_count() > 1
+    return int(devices) > 1 if str(devices).isdigit() else False
+
+
+def _check_lightning_kwargs(extra: dict, world_size: int) -> None:
+    """Refuse what would hang or silently differ, naming what to do instead."""
+    if world_size <= 1 and _asks_for_several_processes(extra.get("devices", 1), extra.get("num_nodes", 1)):
+        raise ValueError(
+            f"lightning_trainer_kwargs={extra!r} asks Lightning to start the processes itself; transformers' "
+            "semantics (data sharding, per-rank RNG files, loss scaling) are set up when the launcher starts them. "
+            "Launch the script as with transformers: `torchrun --nproc_per_node N script.py` (or accelerate launch, "
+            "SLURM); hf_lightning then runs Lightning's DDP on those processes."
+        )
+    strategy = extra.get("strategy")
+    name = strategy if isinstance(strategy, str) else type(strategy).__name__ if strategy is not None else ""
+    if any(word in name.lower() for word in ("fsdp", "deepspeed")):
+        raise ValueError(
+            f"lightning_trainer_kwargs strategy={strategy!r} is not supported by hf_lightning yet: checkpoints "
+            "(save_pretrained, optimizer.pt) are not written from sharded state. Use DDP."
+        )

@@ -35,6 +35,8 @@ class Recorder(TrainerCallback):
             for ref in ("model", "optimizer", "lr_scheduler", "train_dataloader"):
                 if kwargs.get(ref) is None:
                     self.bad_refs.append((event, ref))
+        if event in ("on_evaluate", "on_prediction_step") and kwargs.get("eval_dataloader") is None:
+            self.bad_refs.append((event, "eval_dataloader"))
 
 
 for _event in EVENTS:

@@ -203,3 +203,40 @@ def test_save_options(tmp_path):
     hf_lightning.Trainer(tiny_bert(), args=args, train_dataset=classification_dataset(16),
                          eval_dataset=classification_dataset(4), compute_metrics=metric).train()
     assert sorted(os.listdir(tmp_path / "b")) == ["checkpoint-1", "checkpoint-3"]
+
+
+def test_resumed_logs_match_the_uninterrupted_run(tmp_path):
+    def args(out, **kw):
+        return hf_lightning.TrainingArguments(str(out), per_device_train_batch_size=3, gradient_accumulation_steps=2,
+                                              num_train_epochs=3, save_steps=2, logging_steps=1, report_to="none",
+                                              disable_tqdm=True, **kw)
+
+    full = hf_lightning.Trainer(tiny_bert(), args=args(tmp_path / "full"), train_dataset=classification_dataset(20))
+    full.train()
+    resumed = hf_lightning.Trainer(tiny_bert(seed=5), args=args(tmp_path / "resumed"),
+                                   train_dataset=classification_dataset(20))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))  # mid-epoch
+    after = lambda h: [{k: v for k, v in e.items() if "runtime" not in k and "per_second" not in k}  # noqa: E731
+                       for e in h if e["step"] > 2]
+    assert after(resumed.state.log_history)[:-1] == after(full.state.log_history)[:-1]  # state.epoch included
+
+
+def test_best_checkpoint_that_was_never_saved(tmp_path):
+    def metric(pred):
+        metric.calls += 1
+        return {"score": [0.9, 0.1, 0.2, 0.3][metric.calls - 1]}
+
+    outcome = {}
+    for key, cls, args_cls in (("hf", transformers.Trainer, transformers.TrainingArguments),
+                               ("hl", hf_lightning.Trainer, hf_lightning.TrainingArguments)):
+        metric.calls = 0
+        args = args_cls(str(tmp_path / key), per_device_train_batch_size=2, max_steps=8, eval_strategy="steps",
+                        eval_steps=2, save_steps=4, save_total_limit=1, metric_for_best_model="score",
+                        greater_is_better=True, report_to="none", use_cpu=True)
+        trainer = cls(tiny_bert(), args=args, train_dataset=classification_dataset(16),
+                      eval_dataset=classification_dataset(4), compute_metrics=metric)
+        trainer.train()
+        outcome[key] = trainer
+    assert outcome["hl"].state.best_model_checkpoint == outcome["hf"].state.best_model_checkpoint is None
+    assert sorted(os.listdir(tmp_path / "hl")) == sorted(os.listdir(tmp_path / "hf"))
+

@@ -102,3 +102,13 @@ def test_unknown_key_in_the_yaml(config, tmp_path):
     bad.write_text(yaml.safe_dump(data))
     proc = cli("fit", "--config", bad, check=False)
     assert proc.returncode == 2 and "warmup_ratio" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_validate_data_with_unknown_classes(config, tmp_path):
+    cli("fit", "--config", config)
+    with open(tmp_path / "odd.csv", "w") as f:
+        f.write("text,label\ngood movie,pos\nodd movie,meh\n")
+    proc = cli("validate", "--config", config, "--model.name_or_path", tmp_path / "out", "--model.config", "null",
+               "--model.tokenizer", "null", "--data.validation_file", tmp_path / "odd.csv", check=False)
+    assert proc.returncode == 2 and "meh" in proc.stderr and "Traceback" not in proc.stderr
+

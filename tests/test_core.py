@@ -339,3 +339,49 @@ def test_tokenizer_keyword_and_public_objects(tmp_path):
     # Any transformers.TrainingArguments is accepted as is.
     plain = transformers.TrainingArguments(str(tmp_path / "plain"), max_steps=1, report_to="none", save_strategy="no")
     hf_lightning.Trainer(tiny_bert(), args=plain, train_dataset=data).train()
+
+
+class OneShotStream(IterableDataset):
+    """A stream that can be read once (e.g. a network source): the second epoch is empty."""
+
+    def __init__(self, rows):
+        self.rows = iter(rows)
+
+    def __iter__(self):
+        yield from self.rows
+
+
+def test_stream_that_runs_dry_stops_the_run(tmp_path):
+    rows = list(classification_dataset(12, extra_column=False))
+    args = dict(per_device_train_batch_size=4, max_steps=50, logging_steps=1, report_to="none", save_strategy="no",
+                use_cpu=True)
+    # transformers 5.24 fails on the empty second epoch (accelerate: "Batch does not contain any data").
+    hf = transformers.Trainer(tiny_bert(), args=transformers.TrainingArguments(str(tmp_path / "hf"), **args),
+                              train_dataset=OneShotStream(rows))
+    with pytest.raises(ValueError, match="does not contain any data"):
+        hf.train()
+    trainer = hf_lightning.Trainer(tiny_bert(), args=hf_lightning.TrainingArguments(str(tmp_path / "hl"), **args),
+                                   train_dataset=OneShotStream(rows))
+    output = trainer.train()
+    assert output.global_step == trainer.lightning_trainer.global_step == 3
+    assert [e["step"] for e in trainer.state.log_history if "loss" in e] == [1, 2, 3]
+
+
+def test_second_train_call_gets_a_fresh_schedule(tmp_path):
+    def twice(trainer):
+        trainer.train()
+        return [e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e]
+
+    results = run_pair(tmp_path, tiny_bert, classification_dataset(12), None, per_device_train_batch_size=4,
+                       num_train_epochs=1, logging_steps=1, after=twice)
+    assert results["hl_after"] == pytest.approx(results["hf_after"])
+    assert results["hl_after"][0] > 0
+
+
+def test_activation_checkpointing_options(tmp_path):
+    results = run_pair(
+        tmp_path, tiny_llama, lm_dataset(8), None, per_device_train_batch_size=4, max_steps=2, logging_steps=1,
+        activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": False, "every_n_layers": 1},
+    )
+    assert_same_run(results)
+    assert results["hl"][2].is_gradient_checkpointing

@@ -141,3 +141,11 @@ def test_base_model_without_head_is_refused(tmp_path):
 def test_not_a_callback(tmp_path):
     with pytest.raises(TypeError, match="TrainerCallback"):
         hf_lightning.Trainer(tiny_bert(), args=hf_lightning.TrainingArguments(str(tmp_path)), callbacks=[object()])
+
+
+def test_lightning_spawned_processes_and_sharded_strategies_are_refused(tmp_path):
+    for extra, fragment in (({"devices": 2}, "torchrun"), ({"num_nodes": 2}, "torchrun"),
+                            ({"strategy": "fsdp"}, "sharded"), ({"strategy": "deepspeed_stage_2"}, "sharded")):
+        args = hf_lightning.TrainingArguments(str(tmp_path), lightning_trainer_kwargs=extra)
+        with pytest.raises(ValueError, match=fragment):
+            translate_arguments(args)
