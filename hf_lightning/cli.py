@@ -4,9 +4,9 @@
     hf-lightning validate --config run.yaml
     hf-lightning predict --config run.yaml
 
-A config has four groups: `model` (ModelConfig), `data` (DataConfig), `args` (every TrainingArguments field, with
-transformers' own help texts) and `callbacks` (TrainerCallbacks and Lightning callbacks by class_path; Lightning
-loggers go in `args.report_to` or `args.lightning_trainer_kwargs`). A YAML printed by --print_config runs unchanged.
+A config has five groups: `model` (ModelConfig), `data` (DataConfig), `args` (every TrainingArguments field, with
+transformers' own help texts), `callbacks` (TrainerCallbacks and Lightning callbacks by class_path) and `loggers`
+(Lightning loggers by class_path; or name them in `args.report_to`). A YAML printed by --print_config runs unchanged.
 Bad input (an unknown key, a missing file or column, a model folder that does not load) ends with one line on stderr
 and exit code 2.
 """
@@ -75,6 +75,7 @@ class UsageError(Exception):
 def build_parser():
     from jsonargparse import ActionConfigFile, ArgumentParser
     from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.loggers import Logger
     from transformers import TrainerCallback
 
     from .training_args import TrainingArguments
@@ -90,6 +91,8 @@ def build_parser():
         sub.add_class_arguments(TrainingArguments, "args", default=None)
         sub.add_argument("--callbacks", type=Optional[list[Union[Callback, TrainerCallback]]], default=None,
                          help="TrainerCallbacks and Lightning callbacks, by class_path and init_args.")
+        sub.add_argument("--loggers", type=Optional[list[Logger]], default=None,
+                         help="Lightning loggers by class_path and init_args (they replace args.report_to).")
         subcommands.add_subcommand(name, sub, help=help_text)
     return parser
 
@@ -118,6 +121,8 @@ def run(parser, cfg) -> int:
     data_cfg: DataConfig = init.data
     args = init.args
     callbacks = init.callbacks or []
+    if init.loggers:
+        args.report_to = list(init.loggers)
 
     from . import Trainer
 

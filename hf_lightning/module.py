@@ -78,6 +78,11 @@ class TransformersModule(pl.LightningModule):
         self.finished_evaluations: list[EvaluationOutput] = []
         self.flow = None  # the TrainingFlow callback, set while training
 
+    @property
+    def hf_trainer(self):
+        """The hf_lightning.Trainer this module belongs to: its `state` (TrainerState), `control`, `args`."""
+        return self._hf
+
     # ------------------------------------------------------------------ optimizers
 
     def configure_optimizers(self):

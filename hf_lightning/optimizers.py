@@ -57,9 +57,19 @@ def _cuda_calls_stay_put():
         torch.Tensor.cuda = original
 
 
+# Optimizers whose kernels exist for CUDA only (bitsandbytes' 8-bit GaLore).
+CUDA_ONLY = ("galore_adamw_8bit", "galore_adamw_8bit_layerwise")
+
+
 @contextlib.contextmanager
 def lookup_fixes(args):
     """Around transformers' optimizer lookup: the fixes listed in the module docstring."""
+    name = str(getattr(args.optim, "value", args.optim))
+    if name in CUDA_ONLY and not torch.cuda.is_available():
+        raise ValueError(
+            f"TrainingArguments.optim={name!r} needs a CUDA GPU (bitsandbytes' 8-bit GaLore kernels); on this "
+            "machine use 'galore_adamw' or 'adamw_bnb_8bit'."
+        )
     if str(getattr(args.optim, "value", args.optim)) != "galore_adafactor_layerwise":
         yield
         return
@@ -80,13 +90,18 @@ def lookup_fixes(args):
 
 def optimizer_state_globals() -> list:
     """Classes that optimizer state may hold, allowed when loading optimizer.pt with weights_only=True."""
-    allowed = []
-    try:
-        from galore_torch.galore_projector import GaLoreProjector
+    import importlib
 
-        allowed.append(GaLoreProjector)
-    except ImportError:
-        pass
+    allowed = []
+    for module, name in (
+        ("galore_torch.galore_projector", "GaLoreProjector"),
+        ("apollo_torch.random_projector", "GradientProjector"),
+        ("apollo_torch.svd_projector", "GaLoreProjector"),
+    ):
+        try:
+            allowed.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
     return allowed
 
 

@@ -191,7 +191,7 @@ def test_lightning_callbacks_in_the_same_list(tmp_path):
 
     class Spy(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            hf_trainer = pl_module._hf
+            hf_trainer = pl_module.hf_trainer  # HF's TrainerState, reachable from a Lightning callback
             seen.setdefault("steps", []).append(hf_trainer.state.global_step)
 
         def on_validation_end(self, trainer, pl_module):
@@ -276,3 +276,22 @@ def test_report_to_mlflow_and_wandb_offline(tmp_path, monkeypatch):
     wandb.finish()
     content = open(runs[0], "rb").read()
     assert b"grad_norm" in content and b"learning_rate" in content
+
+
+def test_more_lightning_callbacks_and_report_to_all(tmp_path):
+    from lightning.pytorch.callbacks import RichProgressBar, StochasticWeightAveraging
+
+    swa = StochasticWeightAveraging(swa_lrs=1e-3, swa_epoch_start=1)
+    trainer = hf_lightning.Trainer(
+        tiny_bert(), args=_args(tmp_path, num_train_epochs=3, logging_steps=1, report_to="all", disable_tqdm=False),
+        train_dataset=classification_dataset(8), callbacks=[RichProgressBar(), swa],
+    )
+    try:
+        trainer.train()
+    except Exception as err:  # noqa: BLE001
+        pytest.fail(f"Lightning callbacks failed: {err}")
+    # transformers expands "all" to every installed integration (it has no CSV one).
+    names = {type(lg).__name__ for lg in trainer.lightning_trainer.loggers}
+    assert {"TensorBoardLogger", "MLFlowLogger", "WandbLogger"} <= names
+    assert isinstance(trainer.lightning_trainer.progress_bar_callback, RichProgressBar)
+

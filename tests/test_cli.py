@@ -51,9 +51,11 @@ def last_json(proc) -> dict:
 
 
 def test_fit_validate_predict_and_overrides(config, tmp_path):
-    out = last_json(cli("fit", "--config", config, "--args.learning_rate", "3e-3", "--args.report_to", "csv",
+    logger = json.dumps([{"class_path": "lightning.pytorch.loggers.CSVLogger",
+                          "init_args": {"save_dir": str(tmp_path / "logs")}}])
+    out = last_json(cli("fit", "--config", config, "--args.learning_rate", "3e-3", "--loggers", logger,
                         "--callbacks", '[{"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"}]'))
-    rows = open(next((tmp_path / "out" / "csv").glob("*/metrics.csv"))).read()
+    rows = open(next((tmp_path / "logs").glob("*/*/metrics.csv"))).read()
     assert "lr-AdamW" in rows  # the Lightning callback given by class path ran
     assert {"train_loss", "eval_loss", "eval_accuracy"} <= set(out)
     state = json.load(open(tmp_path / "out" / "trainer_state.json")) if os.path.exists(

@@ -29,6 +29,11 @@ OPTIMS = {
     "lomo": ("lomo_optim", True),
     "adalomo": ("lomo_optim", False),  # transformers 5.24: "Torch not compiled with CUDA enabled"
     "grokadamw": ("grokadamw", True),
+    "apollo_adamw": ("apollo_torch", True),
+    "apollo_adamw_layerwise": ("apollo_torch", False),
+    "adamw_bnb_8bit": ("bitsandbytes", True),
+    "adamw_torch_4bit": ("torchao", True),
+    "adamw_torch_8bit": ("torchao", True),
     "schedule_free_adamw": ("schedulefree", True),
     "schedule_free_sgd": ("schedulefree", True),
     "schedule_free_radam": ("schedulefree", True),
@@ -38,7 +43,7 @@ OPTIMS = {
 def _args(optim, **kw):
     base = dict(per_device_train_batch_size=4, max_steps=40, logging_steps=5, learning_rate=1e-2,
                 lr_scheduler_type="constant", optim=optim, save_strategy="steps", save_steps=20,
-                optim_target_modules=TARGETS if "galore" in optim else None)
+                optim_target_modules=TARGETS if "galore" in optim or "apollo" in optim else None)
     base.update(kw)
     return base
 
@@ -167,3 +172,14 @@ def test_neftune_noise_only_in_training_and_removed_after(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         hf_lightning.Trainer(model, args=args, train_dataset=lm_dataset(8), callbacks=[Boom()]).train()
     assert not embeddings._forward_hooks  # also removed when training ended by an exception
+
+
+def test_gpu_only_optimizer_is_a_clear_error_on_cpu(tmp_path):
+    pytest.importorskip("galore_torch")
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    args = hf_lightning.TrainingArguments(str(tmp_path), optim="galore_adamw_8bit", optim_target_modules=TARGETS,
+                                          max_steps=1, report_to="none", use_cpu=True)
+    with pytest.raises(ValueError, match="galore_adamw_8bit.*GPU"):
+        hf_lightning.Trainer(tiny_llama(), args=args, train_dataset=lm_dataset(4)).train()
+
