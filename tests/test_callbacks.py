@@ -295,3 +295,29 @@ def test_more_lightning_callbacks_and_report_to_all(tmp_path):
     assert {"TensorBoardLogger", "MLFlowLogger", "WandbLogger"} <= names
     assert isinstance(trainer.lightning_trainer.progress_bar_callback, RichProgressBar)
 
+
+
+def test_stateful_callbacks_restored_on_resume(tmp_path):
+    from transformers import EarlyStoppingCallback
+
+    def make(out, restore):
+        args = hf_lightning.TrainingArguments(
+            str(out), per_device_train_batch_size=2, num_train_epochs=3, eval_strategy="steps", eval_steps=2,
+            save_steps=2, metric_for_best_model="eval_loss", learning_rate=0.0, report_to="none", disable_tqdm=True,
+            restore_callback_states_from_checkpoint=restore)
+        stopper = EarlyStoppingCallback(early_stopping_patience=5)
+        trainer = hf_lightning.Trainer(tiny_bert(), args=args, train_dataset=classification_dataset(8),
+                                       eval_dataset=classification_dataset(4), callbacks=[stopper])
+        return trainer, stopper
+
+    trainer, stopper = make(tmp_path / "a", restore=False)
+    trainer.train()
+    assert stopper.early_stopping_patience_counter == 5  # lr=0: the metric never improves after the first eval
+    saved = transformers.TrainerState.load_from_json(str(tmp_path / "a" / "checkpoint-6" / "trainer_state.json"))
+    counter = saved.stateful_callbacks["EarlyStoppingCallback"]["attributes"]["early_stopping_patience_counter"]
+    assert counter == 2
+    # Evaluations at steps 8, 10, 12 after the resume: the counter continues only when told to restore it.
+    for restore, expected in ((True, counter + 3), (False, 3)):
+        resumed, stopper = make(tmp_path / f"b{restore}", restore=restore)
+        resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-6"))
+        assert stopper.early_stopping_patience_counter == expected
