@@ -21,17 +21,18 @@ JOB = os.path.join(os.path.dirname(__file__), "jobs", "ddp_job.py")
 TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
 
 
-def torchrun(framework, out):
+def torchrun(framework, out, *extra):
     proc = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(29500 + (os.getpid() % 1000)),
-                           JOB, framework, str(out)], capture_output=True, text=True, timeout=400)
+                           JOB, framework, str(out), *extra], capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
 
 
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     torchrun("hf", root / "hf")
-    torchrun("hl", root / "hl")
+    (root / "hl_stdout.txt").write_text(torchrun("hl", root / "hl"))
     return root
 
 
@@ -80,3 +81,14 @@ def test_passive_log_level_leaves_levels_alone(tmp_path):
 
         transformers.utils.logging.set_verbosity_warning()
         logging.getLogger("hf_lightning").setLevel(logging.NOTSET)
+
+
+def test_log_lines_printed_by_the_main_process_only(ddp_runs):
+    printed = [line for line in (ddp_runs / "hl_stdout.txt").read_text().splitlines() if line.startswith("{'loss'")]
+    assert len(printed) == 6  # one line per logged step, not one per process
+
+
+def test_layerwise_optimizer_refused_under_ddp(tmp_path):
+    out = torchrun("hl", tmp_path / "lw", "layerwise")
+    assert out.count("REFUSED:") == 2 and "does not support DDP" in out
+

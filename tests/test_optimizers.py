@@ -183,3 +183,10 @@ def test_gpu_only_optimizer_is_a_clear_error_on_cpu(tmp_path):
     with pytest.raises(ValueError, match="galore_adamw_8bit.*GPU"):
         hf_lightning.Trainer(tiny_llama(), args=args, train_dataset=lm_dataset(4)).train()
 
+
+def test_all_linear_target_modules(tmp_path):
+    pytest.importorskip("galore_torch")
+    results = run_pair(tmp_path, tiny_llama, lm_dataset(16), None, per_device_train_batch_size=4, max_steps=4,
+                       logging_steps=1, optim="galore_adamw", optim_target_modules="all-linear", learning_rate=1e-2)
+    assert_same_history(results["hf"][0].state.log_history, results["hl"][0].state.log_history, rel=1e-5)
+

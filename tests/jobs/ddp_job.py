@@ -16,6 +16,15 @@ import hf_lightning
 from helpers import classification_dataset, lm_dataset, tiny_llama
 
 framework, output_dir = sys.argv[1], sys.argv[2]
+if len(sys.argv) > 3 and sys.argv[3] == "layerwise":  # transformers refuses layer-wise optimizers under DDP
+    args = hf_lightning.TrainingArguments(output_dir, optim="galore_adamw_layerwise", optim_target_modules=["mlp"],
+                                          max_steps=2, report_to="none", use_cpu=True, ddp_backend="gloo")
+    try:
+        hf_lightning.Trainer(tiny_llama(), args=args, train_dataset=lm_dataset(8)).train()
+    except NotImplementedError as err:
+        print("REFUSED:", err)
+        sys.exit(0)
+    sys.exit(1)
 trainer_cls = transformers.Trainer if framework == "hf" else hf_lightning.Trainer
 args_cls = transformers.TrainingArguments if framework == "hf" else hf_lightning.TrainingArguments
 args = args_cls(
