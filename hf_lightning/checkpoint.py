@@ -185,12 +185,29 @@ def flow_state_dict(flow) -> dict:
         "trainer_state": hf.state.to_json_string() if hasattr(hf.state, "to_json_string") else json.dumps(
             hf.state.__dict__
         ),
-        "rng": {str(hf.args.process_index): rng_state()},
+        "rng": {str(hf.args.process_index): _tensors_only(rng_state())},
     }
 
 
-def load_flow_state_dict(flow, state_dict: dict) -> None:
-    flow.hf.state = _state_from_json(json.loads(state_dict["trainer_state"]))
+def _tensors_only(state: dict) -> dict:
+    """The RNG state with numpy's array as a tensor, so that Lightning's weights_only loading accepts the .ckpt."""
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    return {**state, "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)}
+
+
+def _numpy_state(value) -> tuple:
+    kind, keys, pos, has_gauss, cached = value
+    if torch.is_tensor(keys):
+        keys = keys.numpy().astype(np.uint32)
+    return (kind, keys, pos, has_gauss, cached)
+
+
+def load_flow_state_dict(flow, state_dict: dict):
+    """Restore the TrainerState from a .ckpt's callback entry; returns this rank's RNG state."""
+    hf = flow.hf
+    hf.state = _state_from_json(json.loads(state_dict["trainer_state"]))
+    rngs = state_dict.get("rng", {})
+    return rngs.get(str(hf.args.process_index)) or next(iter(rngs.values()), None)
 
 
 def _state_from_json(data: dict) -> TrainerState:
@@ -291,8 +308,9 @@ class ResumePoint:
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    np.random.set_state(_numpy_state(state["numpy"]))
     torch.random.set_rng_state(state["cpu"])
     if torch.cuda.is_available() and "cuda" in state:
         torch.cuda.random.set_rng_state_all(state["cuda"])
@@ -326,10 +344,16 @@ def restore_training_state(hf, lightning_trainer, path: str, plan: dict) -> Resu
     hf.state = state
     if args.restore_callback_states_from_checkpoint:
         _load_callback_states(hf)
+    point = resume_point(hf, plan, rng)
+    _move_lightning_counters(lightning_trainer, state.global_step, point.epochs_trained)
+    return point
+
+
+def resume_point(hf, plan: dict, rng: dict | None) -> ResumePoint:
+    """transformers' rule: whole epochs done, then the update steps (windows) done in the current one."""
     updates_per_epoch = plan["updates_per_epoch"]
-    epochs_trained = state.global_step // updates_per_epoch
-    windows_to_skip = 0 if args.ignore_data_skip else state.global_step % updates_per_epoch
-    _move_lightning_counters(lightning_trainer, state.global_step, epochs_trained)
+    epochs_trained = hf.state.global_step // updates_per_epoch
+    windows_to_skip = 0 if hf.args.ignore_data_skip else hf.state.global_step % updates_per_epoch
     return ResumePoint(epochs_trained, windows_to_skip, rng)
 
 

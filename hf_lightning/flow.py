@@ -37,9 +37,12 @@ logger = logging.getLogger("hf_lightning")
 class TrainingFlow(pl.Callback):
     """One training run's HF bookkeeping (created by `Trainer.train`)."""
 
-    def __init__(self, hf_trainer, windows, plan: dict, resume_from_checkpoint: str | None, ignore_keys_for_eval):
+    def __init__(self, hf_trainer, windows, plan: dict, resume_from_checkpoint: str | None, ignore_keys_for_eval,
+                 eval_loaders=None):
         self.hf = hf_trainer
         self.windows = windows
+        self.eval_loaders = eval_loaders or []
+        self._rng_from_lightning_ckpt = None
         self.plan = plan
         self.resume_from_checkpoint = resume_from_checkpoint
         self.ignore_keys_for_eval = ignore_keys_for_eval
@@ -76,8 +79,20 @@ class TrainingFlow(pl.Callback):
         handler = hf.callback_handler
         handler.model, handler.optimizer, handler.lr_scheduler = hf.model, hf.optimizer, hf.lr_scheduler
         handler.train_dataloader = self.windows.dataloader
+        self._resume = None
         if self.resume_from_checkpoint is not None:
             self._resume = ckpt.restore_training_state(hf, trainer, self.resume_from_checkpoint, self.plan)
+            self.windows.skip_windows = self._resume.windows_to_skip
+        elif trainer.ckpt_path is not None:
+            # A plain `lightning_trainer.fit(lightning_module, ckpt_path=...)`: Lightning restores weights, optimizer,
+            # scheduler and its loops itself; TrainerState came back through load_state_dict below.
+            self._resume = ckpt.resume_point(hf, self.plan, self._rng_from_lightning_ckpt)
+            if self._resume.windows_to_skip == 0 and hf.state.global_step > 0:
+                raise ValueError(
+                    f"{trainer.ckpt_path} was saved at the end of an epoch; Lightning's own restore of that point "
+                    "starts one epoch late. Resume it with hf_trainer.train(resume_from_checkpoint=...), which is "
+                    "exact for both checkpoint formats."
+                )
             self.windows.skip_windows = self._resume.windows_to_skip
         self.initial_global_step = hf.state.global_step
         self.globalstep_last_logged = hf.state.global_step
@@ -282,7 +297,7 @@ class TrainingFlow(pl.Callback):
         return ckpt.flow_state_dict(self)
 
     def load_state_dict(self, state_dict):
-        ckpt.load_flow_state_dict(self, state_dict)
+        self._rng_from_lightning_ckpt = ckpt.load_flow_state_dict(self, state_dict)
 
 
 def _count_tokens(hf, inputs) -> int:

@@ -83,6 +83,16 @@ class TransformersModule(pl.LightningModule):
         """The hf_lightning.Trainer this module belongs to: its `state` (TrainerState), `control`, `args`."""
         return self._hf
 
+    def train_dataloader(self):
+        """The windows train() set up, so that a plain `lightning_trainer.fit(lightning_module, ckpt_path=...)`
+        continues the same run."""
+        if self.flow is None:
+            raise RuntimeError("Call hf_lightning.Trainer.train() first: it sets up the data and the loop.")
+        return self.flow.windows
+
+    def val_dataloader(self):
+        return [] if self.flow is None else self.flow.eval_loaders
+
     # ------------------------------------------------------------------ optimizers
 
     def configure_optimizers(self):

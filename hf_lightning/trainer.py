@@ -748,8 +748,9 @@ class Trainer:
         )
 
         module = self._lightning_module()
-        flow = TrainingFlow(self, windows, plan, resume_from_checkpoint, ignore_keys_for_eval)
         eval_loaders = self._eval_dataloaders() if self.eval_dataset is not None else None
+        flow = TrainingFlow(self, windows, plan, resume_from_checkpoint, ignore_keys_for_eval,
+                            [loader for _, loader in eval_loaders] if eval_loaders else None)
         lightning_trainer = self._new_lightning_trainer(
             flow,
             max_steps=plan["max_steps"],

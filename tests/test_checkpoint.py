@@ -240,3 +240,24 @@ def test_best_checkpoint_that_was_never_saved(tmp_path):
     assert outcome["hl"].state.best_model_checkpoint == outcome["hf"].state.best_model_checkpoint is None
     assert sorted(os.listdir(tmp_path / "hl")) == sorted(os.listdir(tmp_path / "hf"))
 
+
+
+def test_plain_lightning_fit_with_ckpt_path(tmp_path):
+    def args(out):
+        return hf_lightning.TrainingArguments(str(out), per_device_train_batch_size=3, gradient_accumulation_steps=2,
+                                              num_train_epochs=3, save_steps=2, report_to="none", disable_tqdm=True,
+                                              learning_rate=1e-2)
+
+    full = hf_lightning.Trainer(tiny_bert(dropout=0.2), args=args(tmp_path / "full"),
+                                train_dataset=classification_dataset(20))
+    full.train()
+    other = hf_lightning.Trainer(tiny_bert(dropout=0.2, seed=9), args=args(tmp_path / "other"),
+                                 train_dataset=classification_dataset(20))
+    other.train()  # sets up the run; then continue it the Lightning way from a mid-epoch checkpoint of `full`
+    other.lightning_trainer.fit(other.lightning_module, ckpt_path=str(tmp_path / "full" / "checkpoint-6" / "lightning.ckpt"))
+    for name, value in full.model.state_dict().items():
+        assert torch.equal(other.model.state_dict()[name], value), name
+    assert other.state.global_step == 12
+    with pytest.raises(ValueError, match="end of an epoch"):
+        other.lightning_trainer.fit(other.lightning_module,
+                                    ckpt_path=str(tmp_path / "full" / "checkpoint-4" / "lightning.ckpt"))
