@@ -24,6 +24,11 @@ TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
 def torchrun(framework, out, *extra):
     proc = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(29500 + (os.getpid() % 1000)),
                            JOB, framework, str(out), *extra], capture_output=True, text=True, timeout=400)
+    finished = os.path.isfile(os.path.join(out, "history.json"))
+    if framework == "hf" and finished and "terminate called without an active exception" in proc.stderr:
+        # transformers 5.24's gloo run sometimes aborts while the process exits, after the job has finished and
+        # written its results: the oracle's numbers are complete.
+        return proc.stdout
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc.stdout
 
@@ -91,4 +96,10 @@ def test_log_lines_printed_by_the_main_process_only(ddp_runs):
 def test_layerwise_optimizer_refused_under_ddp(tmp_path):
     out = torchrun("hl", tmp_path / "lw", "layerwise")
     assert out.count("REFUSED:") == 2 and "does not support DDP" in out
+
+
+def test_neftune_on_a_ddp_wrapped_model(tmp_path):
+    out = torchrun("hl", tmp_path / "neftune", "neftune")
+    # On both ranks: the NEFTune hook was on the embeddings during training, removed after, under DDPStrategy.
+    assert out.count("NEFTUNE True True DDPStrategy") == 2, out[-2000:]
 

@@ -16,6 +16,19 @@ import hf_lightning
 from helpers import classification_dataset, lm_dataset, tiny_llama
 
 framework, output_dir = sys.argv[1], sys.argv[2]
+if len(sys.argv) > 3 and sys.argv[3] == "neftune":  # NEFTune on a model that DDP wraps
+    args = hf_lightning.TrainingArguments(output_dir, neftune_noise_alpha=5.0, max_steps=2, report_to="none",
+                                          use_cpu=True, save_strategy="no", ddp_backend="gloo", logging_steps=1)
+    model = tiny_llama()
+    trainer = hf_lightning.Trainer(model, args=args, train_dataset=lm_dataset(8))
+    noisy = []
+    embeddings = model.get_input_embeddings()
+    probe = embeddings.register_forward_hook(lambda mod, inp, out: noisy.append(len(mod._forward_hooks) > 1))
+    trainer.train()
+    probe.remove()
+    print("NEFTUNE", all(noisy) and len(noisy) > 0, len(embeddings._forward_hooks) == 0,
+          trainer.lightning_trainer.strategy.__class__.__name__)
+    sys.exit(0)
 if len(sys.argv) > 3 and sys.argv[3] == "layerwise":  # transformers refuses layer-wise optimizers under DDP
     args = hf_lightning.TrainingArguments(output_dir, optim="galore_adamw_layerwise", optim_target_modules=["mlp"],
                                           max_steps=2, report_to="none", use_cpu=True, ddp_backend="gloo")
