@@ -62,11 +62,6 @@ def resolve_resume_path(args, resume_from_checkpoint) -> str | None:
     return path
 
 
-def lightning_ckpt_path(resume_path: str | None) -> None:
-    """Resumes are restored by `restore_training_state`, so Lightning itself is never given a ckpt_path."""
-    return None
-
-
 def sorted_checkpoints(output_dir: str) -> list[str]:
     return sort_checkpoints(output_dir=output_dir) if os.path.isdir(output_dir) else []
 

@@ -728,11 +728,6 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = args.tf32
 
         resume_from_checkpoint = ckpt.resolve_resume_path(args, resume_from_checkpoint)
-        neftune_handle = None
-        if self.neftune_noise_alpha is not None:
-            from transformers.integrations.neftune import activate_neftune
-
-            neftune_handle = activate_neftune(self.model, self.neftune_noise_alpha)
 
         micro_loader = self.get_train_dataloader()
         self._check_batch_fits_model(micro_loader, "training")
@@ -761,13 +756,17 @@ class Trainer:
             # eval_on_start is Lightning's sanity check over the whole eval set.
             num_sanity_val_steps=-1 if args.eval_on_start else 0,
         )
-        lightning_ckpt = ckpt.lightning_ckpt_path(resume_from_checkpoint)
+        neftune_handle = None
+        if self.neftune_noise_alpha is not None:
+            from transformers.integrations.neftune import activate_neftune
+
+            neftune_handle = activate_neftune(self.model, self.neftune_noise_alpha)
         try:
+            # Resumes are restored by TrainingFlow (checkpoint.py) from either format, not by Lightning's ckpt_path.
             lightning_trainer.fit(
                 module,
                 train_dataloaders=windows,
                 val_dataloaders=[loader for _, loader in eval_loaders] if eval_loaders else None,
-                ckpt_path=lightning_ckpt,
             )
         finally:
             self.is_in_train = False
