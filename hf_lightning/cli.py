@@ -1,12 +1,12 @@
-"""`hf-lightning`: fit / validate / predict from a YAML config, derived from type hints by jsonargparse.
+"""`hf-lightning`: fit / validate / predict from a YAML config, on LightningCLI (jsonargparse).
 
-    hf-lightning fit --config run.yaml [--args.learning_rate 3e-5] [--print_config]
+    hf-lightning fit --config run.yaml [--args.learning_rate 3e-5] [--trainer.callbacks+=EarlyStopping] [--print_config]
     hf-lightning validate --config run.yaml
     hf-lightning predict --config run.yaml
 
-A config has five groups: `model` (ModelConfig), `data` (DataConfig), `args` (every TrainingArguments field, with
-transformers' own help texts), `callbacks` (TrainerCallbacks and Lightning callbacks by class_path) and `loggers`
-(Lightning loggers by class_path; or name them in `args.report_to`). A YAML printed by --print_config runs unchanged.
+A config has four groups: `model` (TransformersTask), `data` (TextFiles), `args` (every TrainingArguments field,
+with transformers' own help texts) and `trainer` (`callbacks`: TrainerCallbacks and Lightning callbacks by
+class_path; `logger`: Lightning loggers by class_path, or name them in `args.report_to`). A YAML printed by --print_config runs unchanged.
 Bad input (an unknown key, a missing file or column, a model folder that does not load) ends with one line on stderr
 and exit code 2.
 """
@@ -18,6 +18,15 @@ import os
 import sys
 from dataclasses import dataclass
 from typing import Any, Optional, Union
+
+import lightning.pytorch as pl
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import Logger
+from transformers import TrainerCallback
+
+from .training_args import TrainingArguments
 
 TASKS = {
     "sequence-classification": "AutoModelForSequenceClassification",
@@ -72,58 +81,119 @@ class UsageError(Exception):
     """Bad input: reported as one line, exit code 2."""
 
 
-def build_parser():
-    from jsonargparse import ActionConfigFile, ArgumentParser
-    from lightning.pytorch.callbacks import Callback
-    from lightning.pytorch.loggers import Logger
-    from transformers import TrainerCallback
+class TransformersTask(pl.LightningModule):
+    """The `model:` group: which transformers model to train (see ModelConfig). A LightningModule only so that
+    LightningCLI parses it; the model itself is built and trained by hf_lightning.Trainer."""
 
-    from .training_args import TrainingArguments
+    def __init__(
+        self,
+        name_or_path: Optional[str] = None,
+        config: Optional[dict] = None,
+        task: str = "sequence-classification",
+        num_labels: Optional[int] = None,
+        tokenizer: Optional[str] = None,
+    ):
+        super().__init__()
+        self.spec = ModelConfig(name_or_path, config, task, num_labels, tokenizer)
 
-    parser = ArgumentParser(prog="hf-lightning", description="transformers' Trainer on Lightning, from a config.",
-                            exit_on_error=False)
-    subcommands = parser.add_subcommands(dest="subcommand")
-    for name, help_text in (("fit", "train (and evaluate)"), ("validate", "evaluate"), ("predict", "predict")):
-        sub = ArgumentParser(exit_on_error=False)
-        sub.add_argument("--config", action=ActionConfigFile, help="A YAML config (see --print_config).")
-        sub.add_class_arguments(ModelConfig, "model")
-        sub.add_class_arguments(DataConfig, "data")
-        sub.add_class_arguments(TrainingArguments, "args", default=None)
-        sub.add_argument("--callbacks", type=Optional[list[Union[Callback, TrainerCallback]]], default=None,
-                         help="TrainerCallbacks and Lightning callbacks, by class_path and init_args.")
-        sub.add_argument("--loggers", type=Optional[list[Logger]], default=None,
-                         help="Lightning loggers by class_path and init_args (they replace args.report_to).")
-        subcommands.add_subcommand(name, sub, help=help_text)
-    return parser
+
+class TextFiles(pl.LightningDataModule):
+    """The `data:` group: local files read with `datasets` (see DataConfig)."""
+
+    def __init__(
+        self,
+        train_file: Optional[str] = None,
+        validation_file: Optional[str] = None,
+        test_file: Optional[str] = None,
+        validation_split: Optional[float] = None,
+        text_column: str = "text",
+        label_column: Optional[str] = "label",
+        max_length: int = 128,
+    ):
+        super().__init__()
+        self.spec = DataConfig(train_file, validation_file, test_file, validation_split, text_column, label_column,
+                               max_length)
+
+
+class Runner(pl.Trainer):
+    """What `hf-lightning fit|validate|predict` runs: an hf_lightning.Trainer built from the config.
+
+    It stands where LightningCLI expects a lightning.Trainer (its `trainer:` group holds the callbacks and loggers);
+    the hf_lightning.Trainer it builds creates the real lightning.Trainer from `args`.
+    """
+
+    def __init__(
+        self,
+        args: Optional[TrainingArguments] = None,
+        callbacks: Optional[list[Union[Callback, TrainerCallback]]] = None,
+        logger: Optional[list[Logger]] = None,
+    ):
+        # Deliberately no lightning.Trainer.__init__: nothing runs on this object but the three methods below.
+        self.args = args
+        self.extra_callbacks = list(callbacks or [])
+        self.loggers_given = list(logger or [])
+
+    def fit(self, model: TransformersTask, datamodule: TextFiles, ckpt_path: Optional[str] = None) -> None:
+        """Train (and evaluate on the validation data)."""
+        run("fit", model.spec, datamodule.spec, self._args(ckpt_path), self.extra_callbacks)
+
+    def validate(self, model: TransformersTask, datamodule: TextFiles) -> None:
+        """Evaluate on data.validation_file (or data.validation_split)."""
+        run("validate", model.spec, datamodule.spec, self._args(), self.extra_callbacks)
+
+    def predict(self, model: TransformersTask, datamodule: TextFiles) -> None:
+        """Predict data.test_file; writes predictions.jsonl into args.output_dir."""
+        run("predict", model.spec, datamodule.spec, self._args(), self.extra_callbacks)
+
+    def _args(self, ckpt_path: Optional[str] = None) -> TrainingArguments:
+        if self.args is None:
+            raise UsageError("args.output_dir is required (the TrainingArguments group).")
+        if self.loggers_given:
+            self.args.report_to = self.loggers_given
+        if ckpt_path is not None:
+            self.args.resume_from_checkpoint = ckpt_path
+        return self.args
+
+
+class HFLightningCLI(LightningCLI):
+    """LightningCLI with transformers' TrainingArguments as the top-level `args:` group."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {
+            "fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
+            "validate": {"model", "dataloaders", "datamodule"},
+            "predict": {"model", "dataloaders", "datamodule"},
+        }
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_class_arguments(TrainingArguments, "args")
+        parser.link_arguments("args", "trainer.args", apply_on="instantiate")
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from jsonargparse import ArgumentError
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    parser = build_parser()
     try:
-        cfg = parser.parse_args(argv)
-        return run(parser, cfg)
+        HFLightningCLI(
+            TransformersTask,
+            TextFiles,
+            trainer_class=Runner,
+            save_config_callback=None,  # `fit` writes checkpoints and the final model; --print_config shows the YAML
+            seed_everything_default=False,  # TrainingArguments.seed decides, as in transformers
+            auto_configure_optimizers=False,  # TrainingArguments.optim decides
+            parser_kwargs={"exit_on_error": False, "prog": "hf-lightning"},
+            args=argv,
+        )
     except (UsageError, ArgumentError, MisconfigurationException) as err:
         message = " ".join(str(err).split())  # one line
         print(f"hf-lightning: error: {message}", file=sys.stderr)
         return 2
+    return 0
 
 
-def run(parser, cfg) -> int:
-    subcommand = cfg.subcommand
-    sub_cfg = cfg[subcommand]
-    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
-    init = instantiate(cfg)[subcommand]
-    model_cfg: ModelConfig = init.model
-    data_cfg: DataConfig = init.data
-    args = init.args
-    callbacks = init.callbacks or []
-    if init.loggers:
-        args.report_to = list(init.loggers)
-
+def run(subcommand: str, model_cfg: ModelConfig, data_cfg: DataConfig, args, callbacks) -> None:
     from . import Trainer
 
     splits = load_data(data_cfg, subcommand)
@@ -172,7 +242,7 @@ def run(parser, cfg) -> int:
                 f.write(json.dumps({"prediction": labels[row] if labels else row}) + "\n")
         metrics["predictions_file"] = path
     print(json.dumps(metrics, default=str))
-    return 0
+
 
 
 # ---------------------------------------------------------------------- pieces

@@ -53,8 +53,8 @@ def last_json(proc) -> dict:
 def test_fit_validate_predict_and_overrides(config, tmp_path):
     logger = json.dumps([{"class_path": "lightning.pytorch.loggers.CSVLogger",
                           "init_args": {"save_dir": str(tmp_path / "logs")}}])
-    out = last_json(cli("fit", "--config", config, "--args.learning_rate", "3e-3", "--loggers", logger,
-                        "--callbacks", '[{"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"}]'))
+    out = last_json(cli("fit", "--config", config, "--args.learning_rate", "3e-3", "--trainer.logger", logger,
+                        "--trainer.callbacks", '[{"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"}]'))
     rows = open(next((tmp_path / "logs").glob("*/*/metrics.csv"))).read()
     assert "lr-AdamW" in rows  # the Lightning callback given by class path ran
     assert {"train_loss", "eval_loss", "eval_accuracy"} <= set(out)
@@ -83,7 +83,7 @@ def test_print_config_runs_again_unchanged(config, tmp_path):
 
 
 @pytest.mark.parametrize("argv,fragment", [
-    (["--callbacks", '[{"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"}]'], "no logger"),
+    (["--trainer.callbacks", '[{"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"}]'], "no logger"),
     (["--args.lerning_rate", "3"], "lerning_rate"),
     (["--data.train_file", "/nope/train.csv"], "/nope/train.csv"),
     (["--data.text_column", "sentence"], "column 'sentence'"),
