@@ -197,6 +197,23 @@ def _numpy_state(value) -> tuple:
     return (kind, keys, pos, has_gauss, cached)
 
 
+def mark_epoch_finished(fit_loop: dict) -> None:
+    """Rewrite a fit loop state saved on an epoch's last batch into the state Lightning has once that epoch ended
+    (its progress trackers are plain dicts of counters in the .ckpt)."""
+    epochs = fit_loop["epoch_progress"]
+    for part in ("total", "current"):
+        done = epochs[part]["ready"]
+        epochs[part].update(ready=done, started=done, processed=done, completed=done)
+    batches = fit_loop["epoch_loop.batch_progress"]
+    total = batches["total"]["ready"]
+    batches["total"].update(ready=total, started=total, processed=total, completed=total)
+    batches["current"] = {key: 0 for key in batches["current"]}
+    batches["is_last_batch"] = False
+    epoch_loop_state = fit_loop.get("epoch_loop.state_dict", {})
+    if "_batches_that_stepped" in epoch_loop_state:
+        epoch_loop_state["_batches_that_stepped"] += 1
+
+
 def load_flow_state_dict(flow, state_dict: dict):
     """Restore the TrainerState from a .ckpt's callback entry; returns this rank's RNG state."""
     hf = flow.hf

@@ -87,12 +87,6 @@ class TrainingFlow(pl.Callback):
             # A plain `lightning_trainer.fit(lightning_module, ckpt_path=...)`: Lightning restores weights, optimizer,
             # scheduler and its loops itself; TrainerState came back through load_state_dict below.
             self._resume = ckpt.resume_point(hf, self.plan, self._rng_from_lightning_ckpt)
-            if self._resume.windows_to_skip == 0 and hf.state.global_step > 0:
-                raise ValueError(
-                    f"{trainer.ckpt_path} was saved at the end of an epoch; Lightning's own restore of that point "
-                    "starts one epoch late. Resume it with hf_trainer.train(resume_from_checkpoint=...), which is "
-                    "exact for both checkpoint formats."
-                )
             self.windows.skip_windows = self._resume.windows_to_skip
         self.initial_global_step = hf.state.global_step
         self.globalstep_last_logged = hf.state.global_step
@@ -291,6 +285,12 @@ class TrainingFlow(pl.Callback):
                     shutil.rmtree(folder, ignore_errors=True)
         hf.control = hf.callback_handler.on_train_end(hf.args, hf.state, hf.control)
         self.train_output = TrainOutput(hf.state.global_step, train_loss, metrics)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        # Saved on an epoch's last window, the loop state reads "mid-epoch, last batch": Lightning's own restore
+        # of that state starts one epoch late. Record it as the finished epoch it is.
+        if getattr(self, "_epoch_ends_here", False) and "loops" in checkpoint:
+            ckpt.mark_epoch_finished(checkpoint["loops"]["fit_loop"])
 
     # Lightning checkpoints (.ckpt) carry the HF state too: see checkpoint.py.
     def state_dict(self):

@@ -251,13 +251,13 @@ def test_plain_lightning_fit_with_ckpt_path(tmp_path):
     full = hf_lightning.Trainer(tiny_bert(dropout=0.2), args=args(tmp_path / "full"),
                                 train_dataset=classification_dataset(20))
     full.train()
-    other = hf_lightning.Trainer(tiny_bert(dropout=0.2, seed=9), args=args(tmp_path / "other"),
-                                 train_dataset=classification_dataset(20))
-    other.train()  # sets up the run; then continue it the Lightning way from a mid-epoch checkpoint of `full`
-    other.lightning_trainer.fit(other.lightning_module, ckpt_path=str(tmp_path / "full" / "checkpoint-6" / "lightning.ckpt"))
-    for name, value in full.model.state_dict().items():
-        assert torch.equal(other.model.state_dict()[name], value), name
-    assert other.state.global_step == 12
-    with pytest.raises(ValueError, match="end of an epoch"):
-        other.lightning_trainer.fit(other.lightning_module,
-                                    ckpt_path=str(tmp_path / "full" / "checkpoint-4" / "lightning.ckpt"))
+    # 4 update steps per epoch: checkpoint-6 is mid-epoch, checkpoint-4 ends epoch 1.
+    for name in ("checkpoint-6", "checkpoint-4"):
+        other = hf_lightning.Trainer(tiny_bert(dropout=0.2, seed=9), args=args(tmp_path / name),
+                                     train_dataset=classification_dataset(20))
+        other.train()  # sets up the run; then continue it the Lightning way from a checkpoint of `full`
+        other.lightning_trainer.fit(other.lightning_module, ckpt_path=str(tmp_path / "full" / name / "lightning.ckpt"))
+        assert other.state.global_step == other.lightning_trainer.global_step == 12
+        for key, value in full.model.state_dict().items():
+            assert torch.equal(other.model.state_dict()[key], value), (name, key)
+
