@@ -207,8 +207,6 @@ def test_user_optimizer_and_optimizer_cls(tmp_path):
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
 
-    for key, cls in (("hf", transformers.Trainer), ("hl", hf_lightning.Trainer)):
-        pass
     models = {k: tiny_bert() for k in ("hf", "hl")}
     trainers = {}
     for key, cls, args_cls in (("hf", transformers.Trainer, transformers.TrainingArguments),
