@@ -134,9 +134,17 @@ class TransformersModule(pl.LightningModule):
         flow.learning_rate = hf._get_learning_rate()
         # fp16: the scaler skips the step on inf/nan gradients and lowers its scale; transformers then keeps the lr.
         step_skipped = scaler is not None and scaler.get_scale() < scale_before
-        if not step_skipped and not isinstance(hf.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            hf.lr_scheduler.step()
+        # The scheduler Lightning holds: transformers' one (per step), unless a Lightning callback swapped in its own
+        # (SWA's SWALR, stepped per epoch in on_train_epoch_end).
+        config = self.trainer.lr_scheduler_configs[0]
+        if not step_skipped and config.interval == "step" and not config.reduce_on_plateau:
+            config.scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+
+    def on_train_epoch_end(self):
+        for config in self.trainer.lr_scheduler_configs:
+            if config.interval == "epoch" and not config.reduce_on_plateau:
+                config.scheduler.step()
 
     def on_before_optimizer_step(self, optimizer):
         """After unscaling (fp16) and before the step: transformers clips here, then fires on_pre_optimizer_step."""

@@ -485,10 +485,14 @@ class Trainer:
         self.create_scheduler(num_training_steps=num_training_steps)
 
     def _get_learning_rate(self) -> float:
-        if isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler = self.lr_scheduler
+        module = self.lightning_module
+        if module is not None and module._trainer is not None and module.trainer.lr_scheduler_configs:
+            scheduler = module.trainer.lr_scheduler_configs[0].scheduler  # e.g. SWA's SWALR once it took over
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             lr = self.optimizer.param_groups[0]["lr"]
         else:
-            lr = self.lr_scheduler.get_last_lr()[0]
+            lr = scheduler.get_last_lr()[0]
         return lr.item() if torch.is_tensor(lr) else lr
 
     # ------------------------------------------------------------------ the steps a subclass overrides

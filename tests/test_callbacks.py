@@ -294,6 +294,12 @@ def test_more_lightning_callbacks_and_report_to_all(tmp_path):
     names = {type(lg).__name__ for lg in trainer.lightning_trainer.loggers}
     assert {"TensorBoardLogger", "MLFlowLogger", "WandbLogger"} <= names
     assert isinstance(trainer.lightning_trainer.progress_bar_callback, RichProgressBar)
+    # SWA took over the schedule from epoch 1 (SWALR anneals to swa_lrs) and averaged the weights.
+    lrs = [e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e]
+    per_epoch = [lrs[0:4], lrs[4:8], lrs[8:12]]
+    assert all(len(set(epoch)) == 1 for epoch in per_epoch)  # SWALR is an epoch-interval schedule
+    assert per_epoch[0][0] < per_epoch[1][0] < per_epoch[2][0] < 1e-3  # annealing towards swa_lrs
+    assert int(swa.n_averaged) == 3  # one average per epoch
 
 
 
