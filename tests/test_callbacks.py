@@ -274,7 +274,13 @@ def test_report_to_mlflow_and_wandb_offline(tmp_path, monkeypatch):
     import wandb
 
     wandb.finish()
-    content = open(runs[0], "rb").read()
+    import time
+
+    deadline = time.time() + 30  # wandb's service process writes the run file asynchronously, even after finish()
+    content = b""
+    while time.time() < deadline and not (b"grad_norm" in content and b"learning_rate" in content):
+        time.sleep(0.5)
+        content = open(runs[0], "rb").read()
     assert b"grad_norm" in content and b"learning_rate" in content
 
 
