@@ -15,7 +15,7 @@ It fires the TrainerCallback events at the Lightning hooks that match them and r
 
 Lightning decides *when* to validate from `val_check_interval`; here transformers' TrainerControl decides, so the
 epoch loop's `_should_check_val_fx` is pointed at `should_validate_now` (the one private Lightning name this project
-relies on, pinned by tests/test_core.py's evaluation-cadence tests).
+relies on, pinned by tests/test_callbacks.py's event-order test).
 """
 
 from __future__ import annotations

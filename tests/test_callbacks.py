@@ -292,10 +292,7 @@ def test_more_lightning_callbacks_and_report_to_all(tmp_path):
         tiny_bert(), args=_args(tmp_path, num_train_epochs=3, logging_steps=1, report_to="all", disable_tqdm=False),
         train_dataset=classification_dataset(8), callbacks=[RichProgressBar(), swa],
     )
-    try:
-        trainer.train()
-    except Exception as err:  # noqa: BLE001
-        pytest.fail(f"Lightning callbacks failed: {err}")
+    trainer.train()
     # transformers expands "all" to every installed integration (it has no CSV one).
     names = {type(lg).__name__ for lg in trainer.lightning_trainer.loggers}
     assert {"TensorBoardLogger", "MLFlowLogger", "WandbLogger"} <= names

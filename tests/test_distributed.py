@@ -21,8 +21,16 @@ JOB = os.path.join(os.path.dirname(__file__), "jobs", "ddp_job.py")
 TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:  # a fresh port per launch: a reused one may still be in TIME_WAIT
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def torchrun(framework, out, *extra):
-    proc = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(29500 + (os.getpid() % 1000)),
+    proc = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()),
                            JOB, framework, str(out), *extra], capture_output=True, text=True, timeout=400)
     finished = os.path.isfile(os.path.join(out, "history.json"))
     if framework == "hf" and finished and "terminate called without an active exception" in proc.stderr:
