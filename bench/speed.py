@@ -3,7 +3,13 @@
 Each run is a fresh subprocess (so time-to-first-step includes the imports, and peak RSS is per run); rounds
 interleave the three frameworks so that machine noise hits them alike. Prints a Markdown table of medians and ratios.
 
-    python bench/speed.py [--rounds 3] [--steps 60] [--models mlp bert llama]
+On CPU a step of these models is dominated by memory traffic, and glibc's malloc decides per process how much freed
+memory it hands back to the kernel: a run that happens to trim its heap re-faults its activations every step (one
+run: 1,200 minor page faults per step, another: 3,400, +10% step time, with the same code). `--malloc steady` fixes
+malloc's mmap and trim thresholds for all three frameworks alike (0-10 faults per step), which isolates what the
+frameworks add; `--malloc default` is what a user gets out of the box; `both` (the default) reports the two.
+
+    python bench/speed.py [--rounds 5] [--steps 150] [--models mlp bert llama] [--malloc both|default|steady]
 """
 
 from __future__ import annotations
@@ -21,32 +27,43 @@ FRAMEWORKS = ("raw", "hf", "hl")
 NAMES = {"raw": "raw PyTorch", "hf": "transformers.Trainer", "hl": "hf_lightning.Trainer"}
 
 
-def run(model: str, framework: str, steps: int) -> dict:
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**30)}
+
+
+def run(model: str, framework: str, steps: int, malloc: str) -> dict:
+    env = dict(os.environ)
+    for key in STEADY_MALLOC:
+        env.pop(key, None)
+    if malloc == "steady":
+        env.update(STEADY_MALLOC)
     spawn = time.time()
     out = subprocess.run([sys.executable, WORKER, model, framework, str(steps), repr(spawn)],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--models", nargs="+", default=["mlp", "bert", "llama"])
+    parser.add_argument("--malloc", choices=["both", "default", "steady"], default="both")
     opts = parser.parse_args()
-    results = {(m, f): [] for m in opts.models for f in FRAMEWORKS}
+    mallocs = ["default", "steady"] if opts.malloc == "both" else [opts.malloc]
+    keys = [(m, a) for m in opts.models for a in mallocs]
+    results = {(k, f): [] for k in keys for f in FRAMEWORKS}
     for _ in range(opts.rounds):
-        for model in opts.models:
+        for model, malloc in keys:
             for framework in FRAMEWORKS:
-                results[(model, framework)].append(run(model, framework, opts.steps))
-    print(f"| model | framework | median step (ms) | vs raw | vs transformers | first step (s) | peak RSS (MB) |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for model in opts.models:
-        med = {f: {k: statistics.median(r[k] for r in results[(model, f)]) for k in results[(model, f)][0]}
+                results[((model, malloc), framework)].append(run(model, framework, opts.steps, malloc))
+    print("| model | malloc | framework | median step (ms) | vs raw | vs transformers | first step (s) | peak RSS (MB) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for key in keys:
+        med = {f: {k: statistics.median(r[k] for r in results[(key, f)]) for k in results[(key, f)][0]}
                for f in FRAMEWORKS}
         for f in FRAMEWORKS:
             m = med[f]
-            print(f"| {model} | {NAMES[f]} | {m['median_step_ms']:.2f} | "
+            print(f"| {key[0]} | {key[1]} | {NAMES[f]} | {m['median_step_ms']:.2f} | "
                   f"{m['median_step_ms'] / med['raw']['median_step_ms']:.2f}x | "
                   f"{m['median_step_ms'] / med['hf']['median_step_ms']:.2f}x | {m['first_step_s']:.2f} | "
                   f"{m['peak_rss_mb']:.0f} |")

@@ -55,4 +55,5 @@ if trainer.is_world_process_zero():
     trainer.save_model(os.path.join(output_dir, "final"))
     with open(os.path.join(output_dir, "history.json"), "w") as f:
         json.dump(trainer.state.log_history, f)
-trainer.end()  # transformers 5.24 aborts at exit without it ("terminate called without an active exception")
+if framework == "hf":  # transformers 5.24 aborts at exit in ~1 run of 3 without it ("terminate called without an
+    trainer.end()  # active exception"); hf_lightning releases the group itself (each hl torchrun test checks it)
