@@ -71,7 +71,12 @@ data = Rows(BATCH * steps)
 if framework == "raw":
     model = build_model()
     loader = torch.utils.data.DataLoader(data, batch_size=BATCH, shuffle=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, fused=True)
+    # The same work as the trainers do: transformers' weight-decay groups (two, as in its *_no_trainer.py example
+    # scripts), fused AdamW (its default on torch >= 2.8), clipping at 1.0 and a linear schedule.
+    no_decay = ("bias", "LayerNorm.weight", "norm.weight")
+    groups = [{"params": [p for n, p in model.named_parameters() if any(k in n for k in no_decay) == nd],
+               "weight_decay": 0.0} for nd in (False, True)]
+    optimizer = torch.optim.AdamW(groups, lr=5e-5, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / steps)
     model.train()
     for batch in loader:

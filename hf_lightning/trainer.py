@@ -90,6 +90,19 @@ def _destroy_process_group_at_exit() -> None:
 _destroy_registered = False
 
 
+_PLAIN_TRAIN = (nn.Module.train, PreTrainedModel.train)
+
+
+def _train_mode(model: nn.Module) -> None:
+    """`model.train()`, as transformers calls it before every micro-batch, skipped when every module is already in
+    training mode and none overrides `train` (the call then changes nothing): on a 2-layer BERT the recursive call
+    costs ~0.1 ms a step, the check a quarter of that."""
+    for module in model.modules():
+        if not module.training or type(module).train not in _PLAIN_TRAIN:
+            model.train()
+            return
+
+
 def _is_datasets_dataset(dataset) -> bool:
     """isinstance(dataset, datasets.Dataset) without importing `datasets` (~0.3 s with pandas and pyarrow): an object
     of that class exists only once the module is imported."""
@@ -580,7 +593,7 @@ class Trainer:
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
         """Forward and backward of one micro-batch; returns the detached loss (scaled as transformers does)."""
-        model.train()
+        _train_mode(model)
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
