@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import lightning.pytorch as pl  # at import time, before the user builds data: see README "Speed" (time to first step)
 import numpy as np
 import torch
 import transformers
@@ -68,7 +69,9 @@ from . import checkpoint as ckpt
 from . import data as hf_data
 from . import optimizers as hf_optimizers
 from .callbacks import CallbackHandler, split_callbacks
+from .flow import TrainingFlow
 from .loggers import apply_log_levels, make_loggers
+from .module import TransformersModule
 from .training_args import check_supported, translate_arguments
 
 if TYPE_CHECKING:
@@ -719,15 +722,11 @@ class Trainer:
     # ------------------------------------------------------------------ the lightning.Trainer
 
     def _lightning_module(self):
-        from .module import TransformersModule
-
         if self.lightning_module is None or self.lightning_module.model is not self.model:
             self.lightning_module = TransformersModule(self)
         return self.lightning_module
 
     def _new_lightning_trainer(self, flow=None, **loop_limits):
-        import lightning.pytorch as pl
-
         kwargs = translate_arguments(self.args)
         callbacks = ([flow] if flow is not None else []) + list(self._lightning_callbacks)
         kwargs["callbacks"] = callbacks + list(kwargs.get("callbacks", []))
@@ -744,8 +743,6 @@ class Trainer:
             raise TypeError(f"train() got unexpected keyword arguments: {', '.join(kwargs)}.")
         if trial is not None:
             raise ValueError("Hyperparameter search (`trial=`) is not supported by hf_lightning yet.")
-        from .flow import TrainingFlow
-
         args = self.args
         self.is_in_train = True
         self._model_prepared = True
