@@ -681,6 +681,10 @@ class Trainer:
             and module.trainer.world_size > 1
         ):
             num_items = module.all_gather(num_items).sum()
+        if torch.is_tensor(num_items):
+            # transformers divides by its tensor/context/sequence-parallel sizes (1 here), so the model and a
+            # compute_loss_func receive a float tensor, as they do from transformers.Trainer.
+            num_items = num_items / 1
         return num_items
 
     def end(self) -> None:

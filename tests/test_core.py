@@ -202,6 +202,21 @@ def test_nan_losses_are_filtered_like_transformers(tmp_path):
     assert losses and all(np.isfinite(losses))
 
 
+def test_compute_loss_func_receives_what_transformers_passes(tmp_path):
+    seen = []  # transformers' run first, then hf_lightning's
+
+    def loss_func(outputs, labels, num_items_in_batch=None):
+        seen.append((num_items_in_batch.dtype, float(num_items_in_batch)))
+        logits = outputs.logits[:, :-1].reshape(-1, outputs.logits.shape[-1])
+        return nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1), reduction="sum") / num_items_in_batch
+
+    results = run_pair(tmp_path, tiny_llama, lm_dataset(12), trainer_kwargs={"compute_loss_func": loss_func},
+                       per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3, logging_steps=1)
+    assert_same_run(results)
+    hf, hl = seen[: len(seen) // 2], seen[len(seen) // 2:]
+    assert len(hf) == 6 and hl == hf and hf[0][0] == torch.float32  # a float tensor: the window's label count
+
+
 def test_user_optimizer_and_optimizer_cls(tmp_path):
     def make(model):
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
