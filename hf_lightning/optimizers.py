@@ -23,6 +23,7 @@ Lightning cannot run as is:
 from __future__ import annotations
 
 import contextlib
+import sys
 import types
 
 import torch
@@ -30,17 +31,11 @@ import transformers
 from transformers.trainer_pt_utils import LayerWiseDummyOptimizer
 
 
-def _lomo_classes() -> tuple[type, ...]:
-    try:
-        from lomo_optim import AdaLomo, Lomo
-    except ImportError:
-        return ()
-    return (Lomo, AdaLomo)
-
-
 def is_lomo(optimizer) -> bool:
-    classes = _lomo_classes()
-    return bool(classes) and isinstance(optimizer, classes)
+    """Called every micro-batch: no import attempt (a failing one costs a file-system search each time); an optimizer
+    can only be a LOMO one once `lomo_optim` is imported."""
+    module = sys.modules.get("lomo_optim")
+    return module is not None and isinstance(optimizer, (module.Lomo, module.AdaLomo))
 
 
 @contextlib.contextmanager
