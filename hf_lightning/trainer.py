@@ -99,7 +99,7 @@ _PLAIN_TRAIN = (nn.Module.train, PreTrainedModel.train)
 def _train_mode(model: nn.Module) -> None:
     """`model.train()`, as transformers calls it before every micro-batch, skipped when every module is already in
     training mode and none overrides `train` (the call then changes nothing): on a 2-layer BERT the recursive call
-    costs ~0.1 ms a step, the check a quarter of that."""
+    costs ~0.08 ms a step, the check a third of that."""
     for module in model.modules():
         if not module.training or type(module).train not in _PLAIN_TRAIN:
             model.train()
