@@ -13,6 +13,7 @@ Evaluation batches go through the facade's `prediction_step`; predictions are ke
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -78,6 +79,14 @@ class TransformersModule(pl.LightningModule):
         self.finished_evaluations: list[EvaluationOutput] = []
         self.flow = None  # the TrainingFlow callback, set while training
 
+    def __setattr__(self, name, value):
+        # Lightning sets `_current_fx_name` around each of its ~16 hook calls per step; nn.Module.__setattr__'s
+        # checks for parameters, buffers and submodules (~1 µs each, ~30 µs a step) never apply to a string.
+        if name == "_current_fx_name":
+            self.__dict__[name] = value
+        else:
+            super().__setattr__(name, value)
+
     @property
     def hf_trainer(self):
         """The hf_lightning.Trainer this module belongs to: its `state` (TrainerState), `control`, `args`."""
@@ -140,6 +149,10 @@ class TransformersModule(pl.LightningModule):
         if not step_skipped and config.interval == "step" and not config.reduce_on_plateau:
             config.scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+
+    # Lightning reads training_step's signature every step (`_build_kwargs`); a stored one spares `inspect` the
+    # introspection of the code object (7 -> 2.5 µs).
+    training_step.__signature__ = inspect.signature(training_step)
 
     def on_train_epoch_end(self):
         for config in self.trainer.lr_scheduler_configs:

@@ -202,6 +202,24 @@ def test_nan_losses_are_filtered_like_transformers(tmp_path):
     assert losses and all(np.isfinite(losses))
 
 
+def test_nan_filter_reads_the_value_on_cpu_and_stays_on_the_device_elsewhere():
+    from hf_lightning.flow import add_filtered_loss
+
+    losses = [1.0, float("nan"), 2.0, float("inf"), 0.5]
+    totals = {}
+    for read_value in (True, False):  # False: the accelerator path (no host sync), run here on CPU tensors
+        total = torch.zeros(())
+        for step, value in enumerate(losses):
+            add_filtered_loss(total, torch.tensor(value), step + 1, read_value=read_value)
+        totals[read_value] = total.item()
+    expected = 1.0  # transformers: a non-finite step adds the mean so far (tr_loss / (1 + steps since the last log))
+    expected += expected / 2
+    expected += 2.0
+    expected += expected / 4
+    expected += 0.5
+    assert totals[True] == totals[False] == pytest.approx(expected)
+
+
 def test_compute_loss_func_receives_what_transformers_passes(tmp_path):
     seen = []  # transformers' run first, then hf_lightning's
 
