@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
-	$(PY) bench/speed.py
+	$(PY) bench/speed.py --phases
 
 clean:
 	rm -rf $(VENV) outputs

@@ -1,6 +1,10 @@
 """One timed training run (a subprocess of bench/speed.py): prints one JSON line.
 
-    python bench/_worker.py MODEL FRAMEWORK STEPS SPAWN_TIME
+    python bench/_worker.py MODEL FRAMEWORK STEPS SPAWN_TIME [--phases]
+
+--phases also splits each step into the model's forward, the backward, the gradient clipping, the optimizer step and
+the rest (data loading and everything the framework does around them), by timing those four calls (nested time is
+counted once, in the innermost call): the rest is what a framework adds, without the run-to-run noise of the compute.
 """
 
 import time
@@ -13,6 +17,7 @@ import resource  # noqa: E402
 import sys  # noqa: E402
 
 model_name, framework, steps, spawn_time = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+PHASES = "--phases" in sys.argv
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
@@ -52,6 +57,13 @@ class Rows(torch.utils.data.Dataset):
 
 
 def build_model():
+    model = _build_model()
+    if PHASES:
+        model.forward = timed("forward", model.forward)
+    return model
+
+
+def _build_model():
     import transformers
 
     if model_name == "mlp":
@@ -66,6 +78,42 @@ def build_model():
 
 
 step_ends = []
+phase_steps = []  # per step: seconds in each timed call
+_phase_now = {"forward": 0.0, "backward": 0.0, "clip": 0.0, "optimizer": 0.0}
+_phase_stack = []
+
+
+def timed(name, fn):
+    import functools
+
+    @functools.wraps(fn)  # keeps the signature: the trainers read forward's to pick the dataset columns
+    def wrapper(*args, **kwargs):
+        _phase_stack.append(0.0)
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            elapsed = time.perf_counter() - start
+            nested = _phase_stack.pop()
+            _phase_now[name] += elapsed - nested
+            if _phase_stack:
+                _phase_stack[-1] += elapsed
+
+    return wrapper
+
+
+def step_end():
+    step_ends.append(time.time())
+    if PHASES:
+        phase_steps.append(dict(_phase_now))
+        _phase_now.update(dict.fromkeys(_phase_now, 0.0))
+
+
+if PHASES:
+    torch.autograd.backward = timed("backward", torch.autograd.backward)
+    torch.nn.utils.clip_grad_norm_ = timed("clip", torch.nn.utils.clip_grad_norm_)
+    torch.optim.AdamW.step = timed("optimizer", torch.optim.AdamW.step)
+
 data = Rows(BATCH * steps)
 
 if framework == "raw":
@@ -86,7 +134,7 @@ if framework == "raw":
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        step_ends.append(time.time())
+        step_end()
 else:
     if framework == "hf":
         from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -97,16 +145,24 @@ else:
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            step_ends.append(time.time())
+            step_end()
 
     args = TrainingArguments(f"/tmp/hfl-bench-{framework}", per_device_train_batch_size=BATCH, max_steps=steps,
                              logging_steps=10**6, save_strategy="no", report_to="none", disable_tqdm=True,
                              use_cpu=True, dataloader_pin_memory=False, log_level="error")
     Trainer(build_model(), args=args, train_dataset=data, callbacks=[Clock()]).train()
 
-deltas = sorted(b - a for a, b in zip(step_ends[10:], step_ends[11:]))
-print(json.dumps({
+deltas = [b - a for a, b in zip(step_ends[10:], step_ends[11:])]
+result = {
     "first_step_s": step_ends[0] - spawn_time,
-    "median_step_ms": 1000 * deltas[len(deltas) // 2],
+    "median_step_ms": 1000 * sorted(deltas)[len(deltas) // 2],
     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-}))
+}
+if PHASES:  # medians over the same steps; "rest" = the step minus the four timed calls, per step
+    timed_steps = phase_steps[11:]
+    for name in _phase_now:
+        values = sorted(p[name] for p in timed_steps)
+        result[f"{name}_ms"] = 1000 * values[len(values) // 2]
+    rest = sorted(d - sum(p.values()) for d, p in zip(deltas, timed_steps))
+    result["rest_ms"] = 1000 * rest[len(rest) // 2]
+print(json.dumps(result))
