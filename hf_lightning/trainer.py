@@ -99,11 +99,17 @@ _PLAIN_TRAIN = (nn.Module.train, PreTrainedModel.train)
 def _train_mode(model: nn.Module) -> None:
     """`model.train()`, as transformers calls it before every micro-batch, skipped when every module is already in
     training mode and none overrides `train` (the call then changes nothing): on a 2-layer BERT the recursive call
-    costs ~0.08 ms a step, the check a third of that."""
-    for module in model.modules():
+    costs ~0.08 ms a step, this check ~0.01 ms (a plain walk over `_modules`: `model.modules()` builds every
+    submodule's dotted name)."""
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        if module is None:  # a submodule slot registered as None
+            continue
         if not module.training or type(module).train not in _PLAIN_TRAIN:
             model.train()
             return
+        stack.extend(module._modules.values())
 
 
 def _is_datasets_dataset(dataset) -> bool:
