@@ -131,7 +131,7 @@ class TrainingFlow(pl.Callback):
         hf.control = hf.callback_handler.on_epoch_begin(hf.args, hf.state, hf.control)
 
     def add_micro_batch(self, loss: torch.Tensor, inputs) -> None:
-        """Accumulate the step loss on the device (transformers' nan/inf filter without a host sync)."""
+        """Accumulate the step loss (transformers' nan/inf filter; on an accelerator without a host sync)."""
         hf = self.hf
         if hf.args.logging_nan_inf_filter:
             steps_so_far = 1 + hf.state.global_step - self.globalstep_last_logged
