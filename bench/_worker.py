@@ -11,6 +11,7 @@ import time
 
 T_START = time.time()
 
+import functools  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import resource  # noqa: E402
@@ -84,8 +85,6 @@ _phase_stack = []
 
 
 def timed(name, fn):
-    import functools
-
     @functools.wraps(fn)  # keeps the signature: the trainers read forward's to pick the dataset columns
     def wrapper(*args, **kwargs):
         _phase_stack.append(0.0)
