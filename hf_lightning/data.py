@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
@@ -147,7 +148,8 @@ class AccumulationWindows:
 
 def count_items(batches: list, shifts_labels: bool) -> torch.Tensor | None:
     """transformers' `_get_num_items_in_batch`: label tokens that are not -100 over a whole window."""
-    if not batches or not isinstance(batches[0], dict) or "labels" not in batches[0]:
+    # transformers tests `"labels" in batch`: collators yield BatchEncoding (a Mapping, not a dict) as often as dicts.
+    if not batches or not isinstance(batches[0], Mapping) or "labels" not in batches[0]:
         return None
     try:
         counts = [

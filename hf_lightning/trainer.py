@@ -23,7 +23,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl  # at import time, before the user builds data: see README "Speed" (time to first step)
@@ -457,7 +457,7 @@ class Trainer:
             return  # a stream is never consumed ahead of training
         with _preserved_rng():
             batch = dataloader.collate_fn([dataset[0]])
-        if not isinstance(batch, dict):
+        if not isinstance(batch, Mapping):
             return
         main_input = getattr(self.model, "main_input_name", "input_ids")
         accepted = set(inspect.signature(self.model.forward).parameters)
