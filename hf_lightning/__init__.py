@@ -7,14 +7,11 @@ TrainingArguments``; everything else in a transformers script stays as it is.
 import gc as _gc
 
 # The imports below (transformers' trainer pieces, Lightning, torchmetrics) create a few hundred thousand objects that
-# live as long as the process. Collecting garbage while they are being created only walks them again and again:
-# pausing the collector here takes ~0.6 s off `import hf_lightning` on 2 CPU cores. At the end they go to the
-# collector's permanent generation (`gc.freeze()`, as Python's docs advise for start-up objects), so that the first
-# full collection after the import, and every later one, skips them: -0.3 s before the first step of a 5,000-row
-# dataset (README, "Speed and memory"). `gc.unfreeze()` undoes it; a user's own `gc.disable()` is left alone.
+# live as long as the process; collecting garbage while they are being created only walks them again and again.
+# The collector is paused while they run and restored as it was (bench/README.md: time to first step). Nothing else
+# of the process is touched: a user's `gc.disable()` is left alone.
 _gc_was_enabled = _gc.isenabled()
 _gc.disable()
-
 try:
     from transformers import (
         DataCollatorForLanguageModeling,
@@ -33,13 +30,9 @@ try:
     from .checkpoint import model_from_lightning_checkpoint
     from .trainer import Trainer
     from .training_args import TrainingArguments
-except BaseException:
+finally:
     if _gc_was_enabled:
         _gc.enable()
-    raise
-if _gc_was_enabled:
-    _gc.freeze()
-    _gc.enable()
 
 __version__ = "0.1.0"
 

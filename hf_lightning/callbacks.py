@@ -35,6 +35,15 @@ def split_callbacks(callbacks: list) -> tuple[list, list]:
     return hf, lightning_cbs
 
 
+def pop_lightning_callback(callbacks: list, callback):
+    """Remove and return the first Lightning callback that is `callback` (or an instance of it, given a class)."""
+    for cb in list(callbacks):
+        if cb is callback or (isinstance(callback, type) and isinstance(cb, callback)):
+            callbacks.remove(cb)
+            return cb
+    return None
+
+
 def _apply_result(control: TrainerControl, result, callback, event: str) -> TrainerControl:
     if result is None:
         return control

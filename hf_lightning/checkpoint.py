@@ -12,6 +12,7 @@ does, the RNG states; nothing is unpickled beyond tensors and the RNG allow-list
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -23,9 +24,13 @@ from dataclasses import dataclass
 import numpy as np
 import safetensors.torch
 import torch
-from transformers.trainer_callback import TrainerState
+from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints, sort_checkpoints
+
+from . import compat
+from .optimizers import OptimizerQuirks, optimizer_state_globals
+from .run import RunState, TrainerHooks, TrainingPlan
 
 logger = logging.getLogger("hf_lightning")
 
@@ -69,23 +74,25 @@ def sorted_checkpoints(output_dir: str) -> list[str]:
 # ---------------------------------------------------------------------- saving
 
 
-def save_model_folder(hf, output_dir: str) -> None:
-    """save_pretrained (or safetensors for a plain nn.Module), the processing class and training_args.bin."""
-    if not hf.args.should_save:
+def save_model_folder(hooks: TrainerHooks, output_dir: str) -> None:
+    """save_pretrained (or safetensors for a plain nn.Module), the processing class and training_args.bin.
+
+    A schedule-free optimizer is switched to eval() mode first, so that the saved weights are the averaged ones a
+    user deploys (transformers 5.24 saves the training iterate); the next training step switches it back."""
+    if not hooks.args.should_save:
         return
-    if hasattr(hf.optimizer, "eval") and callable(hf.optimizer.eval):  # schedule-free: the averaged weights
-        hf.optimizer.eval()
+    OptimizerQuirks(hooks.optimizer).eval()
     os.makedirs(output_dir, exist_ok=True)
-    model = hf.model
+    model = hooks.model
     if hasattr(model, "save_pretrained"):
         model.save_pretrained(output_dir)
     else:
         safetensors.torch.save_file(
             {k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(output_dir, "model.safetensors")
         )
-    if hf.processing_class is not None and hasattr(hf.processing_class, "save_pretrained"):
-        hf.processing_class.save_pretrained(output_dir)
-    torch.save(hf.args, os.path.join(output_dir, TRAINING_ARGS_NAME))  # for transformers' tools; never loaded here
+    if hooks.processing_class is not None and hasattr(hooks.processing_class, "save_pretrained"):
+        hooks.processing_class.save_pretrained(output_dir)
+    torch.save(hooks.args, os.path.join(output_dir, TRAINING_ARGS_NAME))  # for transformers' tools; never loaded here
 
 
 def rng_state() -> dict:
@@ -103,28 +110,18 @@ def _rng_file(args) -> str:
     return "rng_state.pth" if args.world_size <= 1 else f"rng_state_{args.process_index}.pth"
 
 
-def save_checkpoint(hf) -> str:
-    """Write output_dir/checkpoint-{global_step}/ atomically; returns its path.
-
-    A schedule-free optimizer is switched to eval() mode first, so that the saved weights are the averaged ones a
-    user deploys (transformers 5.24 saves the training iterate); training_step switches it back to train()."""
-    optimizer = hf.optimizer
-    if hasattr(optimizer, "eval") and callable(optimizer.eval):
-        optimizer.eval()
-    return _save_checkpoint(hf)
-
-
-def _save_checkpoint(hf) -> str:
-    args, state = hf.args, hf.state
+def save_checkpoint(hooks: TrainerHooks, run: RunState, lightning_trainer) -> str:
+    """Write output_dir/checkpoint-{global_step}/ atomically; returns its path."""
+    args, state = run.args, run.state
     name = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
     final_dir = os.path.join(args.output_dir, name)
     tmp_dir = os.path.join(args.output_dir, f"tmp-{name}")
-    strategy = hf.lightning_trainer.strategy
+    strategy = lightning_trainer.strategy
     if args.should_save:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     strategy.barrier("hf_lightning.save_checkpoint.start")
-    hf.store_flos()
-    save_model_folder(hf, tmp_dir)
+    run.store_flos(strategy)
+    save_model_folder(hooks, tmp_dir)
     if state.best_global_step and args.save_strategy in ("steps", "epoch", "best"):
         best_dir = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.best_global_step}")
         # As transformers: only a folder that exists (this one, being written, or an earlier one).
@@ -133,18 +130,18 @@ def _save_checkpoint(hf) -> str:
     if not args.save_only_model:
         if args.should_save:
             os.makedirs(tmp_dir, exist_ok=True)
-            torch.save(hf.optimizer.state_dict(), os.path.join(tmp_dir, OPTIMIZER_NAME))
-            torch.save(hf.lr_scheduler.state_dict(), os.path.join(tmp_dir, SCHEDULER_NAME))
-            scaler = getattr(hf.lightning_trainer.precision_plugin, "scaler", None)
+            torch.save(hooks.optimizer.state_dict(), os.path.join(tmp_dir, OPTIMIZER_NAME))
+            torch.save(hooks.lr_scheduler.state_dict(), os.path.join(tmp_dir, SCHEDULER_NAME))
+            scaler = getattr(lightning_trainer.precision_plugin, "scaler", None)
             if scaler is not None:
                 torch.save(scaler.state_dict(), os.path.join(tmp_dir, SCALER_NAME))
         os.makedirs(tmp_dir, exist_ok=True)
         torch.save(rng_state(), os.path.join(tmp_dir, _rng_file(args)))
     if args.should_save:
-        _refresh_stateful_callbacks(hf)
+        _refresh_stateful_callbacks(run)
         state.save_to_json(os.path.join(tmp_dir, TRAINER_STATE_NAME))
     if getattr(args, "save_lightning_checkpoint", True) and not args.save_only_model:
-        hf.lightning_trainer.save_checkpoint(os.path.join(tmp_dir, LIGHTNING_CKPT_NAME))
+        lightning_trainer.save_checkpoint(os.path.join(tmp_dir, LIGHTNING_CKPT_NAME))
     strategy.barrier("hf_lightning.save_checkpoint.written")  # every rank's files are in before the rename
     if args.should_save:
         if os.path.isdir(final_dir):
@@ -154,33 +151,27 @@ def _save_checkpoint(hf) -> str:
     return final_dir
 
 
-def _refresh_stateful_callbacks(hf) -> None:
-    from transformers.trainer_callback import ExportableState
-
+def _refresh_stateful_callbacks(run: RunState) -> None:
     stateful = {}
-    for cb in hf.callback_handler.callbacks + [hf.control]:
-        if isinstance(cb, ExportableState):
-            name = cb.__class__.__name__
-            if name in stateful:
-                if not isinstance(stateful[name], list):
-                    stateful[name] = [stateful[name]]
-                stateful[name].append(cb.state())
-            else:
-                stateful[name] = cb.state()
-    hf.state.stateful_callbacks = stateful
+    for cb in run.stateful_callbacks():
+        name = cb.__class__.__name__
+        if name in stateful:
+            if not isinstance(stateful[name], list):
+                stateful[name] = [stateful[name]]
+            stateful[name].append(cb.state())
+        else:
+            stateful[name] = cb.state()
+    run.state.stateful_callbacks = stateful
 
 
 # ---------------------------------------------------------------------- Lightning .ckpt entry of the flow
 
 
-def flow_state_dict(flow) -> dict:
-    hf = flow.hf
-    _refresh_stateful_callbacks(hf)
+def flow_state_dict(run: RunState) -> dict:
+    _refresh_stateful_callbacks(run)
     return {
-        "trainer_state": hf.state.to_json_string() if hasattr(hf.state, "to_json_string") else json.dumps(
-            hf.state.__dict__
-        ),
-        "rng": {str(hf.args.process_index): _tensors_only(rng_state())},
+        "trainer_state": json.dumps(dataclasses.asdict(run.state), sort_keys=True),  # as save_to_json
+        "rng": {str(run.args.process_index): _tensors_only(rng_state())},
     }
 
 
@@ -197,29 +188,11 @@ def _numpy_state(value) -> tuple:
     return (kind, keys, pos, has_gauss, cached)
 
 
-def mark_epoch_finished(fit_loop: dict) -> None:
-    """Rewrite a fit loop state saved on an epoch's last batch into the state Lightning has once that epoch ended
-    (its progress trackers are plain dicts of counters in the .ckpt)."""
-    epochs = fit_loop["epoch_progress"]
-    for part in ("total", "current"):
-        done = epochs[part]["ready"]
-        epochs[part].update(ready=done, started=done, processed=done, completed=done)
-    batches = fit_loop["epoch_loop.batch_progress"]
-    total = batches["total"]["ready"]
-    batches["total"].update(ready=total, started=total, processed=total, completed=total)
-    batches["current"] = {key: 0 for key in batches["current"]}
-    batches["is_last_batch"] = False
-    epoch_loop_state = fit_loop.get("epoch_loop.state_dict", {})
-    if "_batches_that_stepped" in epoch_loop_state:
-        epoch_loop_state["_batches_that_stepped"] += 1
-
-
-def load_flow_state_dict(flow, state_dict: dict):
+def load_flow_state_dict(run: RunState, state_dict: dict):
     """Restore the TrainerState from a .ckpt's callback entry; returns this rank's RNG state."""
-    hf = flow.hf
-    hf.state = _state_from_json(json.loads(state_dict["trainer_state"]))
+    run.state = _state_from_json(json.loads(state_dict["trainer_state"]))
     rngs = state_dict.get("rng", {})
-    return rngs.get(str(hf.args.process_index)) or next(iter(rngs.values()), None)
+    return rngs.get(str(run.args.process_index)) or next(iter(rngs.values()), None)
 
 
 def _state_from_json(data: dict) -> TrainerState:
@@ -234,9 +207,9 @@ def metric_key(args) -> str:
     return metric if metric.startswith("eval_") else f"eval_{metric}"
 
 
-def determine_best_metric(hf, metrics: dict) -> bool:
+def determine_best_metric(run: RunState, metrics: dict) -> bool:
     """transformers' `_determine_best_metric`: updates state.best_metric / best_global_step."""
-    args = hf.args
+    args, state = run.args, run.state
     if args.metric_for_best_model is None:
         return False
     key = metric_key(args)
@@ -247,12 +220,12 @@ def determine_best_metric(hf, metrics: dict) -> bool:
         )
     value = metrics[key]
     better = np.greater if args.greater_is_better else np.less
-    if hf.state.best_metric is None:
-        hf.state.best_metric = float("-inf") if args.greater_is_better else float("inf")
-    if better(value, hf.state.best_metric):
-        hf.state.best_metric = value
+    if state.best_metric is None:
+        state.best_metric = float("-inf") if args.greater_is_better else float("inf")
+    if better(value, state.best_metric):
+        state.best_metric = value
         if args.save_strategy in ("steps", "epoch", "best"):
-            hf.state.best_global_step = hf.state.global_step
+            state.best_global_step = state.global_step
         return True
     return False
 
@@ -274,7 +247,7 @@ def _load_state_dict_checked(model, state_dict: dict, source: str) -> None:
     own = model.state_dict()
     tied = {k for k in own if k not in state_dict}
     # save_pretrained drops tied weights (e.g. lm_head tied to the embeddings); anything else missing is a mismatch.
-    tied_keys = set(getattr(model, "_tied_weights_keys", None) or {})
+    tied_keys = compat.tied_weight_keys(model)
     missing = sorted(k for k in tied if not any(re.fullmatch(t, k) or k == t for t in tied_keys))
     unexpected = sorted(k for k in state_dict if k not in own)
     shape_mismatch = sorted(k for k in state_dict if k in own and own[k].shape != state_dict[k].shape)
@@ -286,10 +259,10 @@ def _load_state_dict_checked(model, state_dict: dict, source: str) -> None:
     model.load_state_dict(state_dict, strict=False)
 
 
-def load_best_model(hf) -> None:
-    folder = hf.state.best_model_checkpoint
-    logger.info("Loading best model from %s (score: %s).", folder, hf.state.best_metric)
-    _load_weights(hf.model, folder)
+def load_best_model(model, state: TrainerState) -> None:
+    folder = state.best_model_checkpoint
+    logger.info("Loading best model from %s (score: %s).", folder, state.best_metric)
+    _load_weights(model, folder)
 
 
 # ---------------------------------------------------------------------- resume
@@ -329,8 +302,6 @@ def set_rng_state(state: dict) -> None:
 
 
 def _torch_load(path: str, what: str):
-    from .optimizers import optimizer_state_globals
-
     try:
         with safe_globals(), torch.serialization.safe_globals(optimizer_state_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -339,49 +310,48 @@ def _torch_load(path: str, what: str):
                          "truncated or not a checkpoint written by transformers/hf_lightning.") from err
 
 
-def restore_training_state(hf, lightning_trainer, path: str, plan: dict) -> ResumePoint:
+def restore_training_state(hooks: TrainerHooks, run: RunState, lightning_trainer, path: str,
+                           plan: TrainingPlan) -> ResumePoint:
     """Load weights, optimizer, scheduler, TrainerState and RNG from a checkpoint folder or a .ckpt file, and move
     Lightning's loop counters to the resumed step (Lightning restores its own loops only from its own ckpt_path)."""
-    args = hf.args
+    args = run.args
     if os.path.isfile(path):
-        state, rng = _restore_from_lightning_ckpt(hf, path)
+        state, rng = _restore_from_lightning_ckpt(hooks, args, path)
     else:
-        state, rng = _restore_from_folder(hf, path)
-    state.max_steps = plan["max_steps"]
-    state.num_train_epochs = plan["num_train_epochs"]
-    state.compute_steps(args, plan["max_steps"])
-    state.train_batch_size = hf._train_batch_size
+        state, rng = _restore_from_folder(hooks, args, lightning_trainer, path)
+    state.max_steps = plan.max_steps
+    state.num_train_epochs = plan.num_train_epochs
+    state.compute_steps(args, plan.max_steps)
+    state.train_batch_size = run.state.train_batch_size
     if state.best_model_checkpoint is not None and not os.path.isdir(state.best_model_checkpoint):
         state.best_model_checkpoint = None
-    hf.state = state
+    run.state = state
     if args.restore_callback_states_from_checkpoint:
-        _load_callback_states(hf)
-    point = resume_point(hf, plan, rng)
-    _move_lightning_counters(lightning_trainer, state.global_step, point.epochs_trained)
+        _load_callback_states(run)
+    point = resume_point(run, plan, rng)
+    compat.move_fit_loop_to(lightning_trainer, state.global_step, point.epochs_trained)
     return point
 
 
-def resume_point(hf, plan: dict, rng: dict | None) -> ResumePoint:
+def resume_point(run: RunState, plan: TrainingPlan, rng: dict | None) -> ResumePoint:
     """transformers' rule: whole epochs done, then the update steps (windows) done in the current one."""
-    updates_per_epoch = plan["updates_per_epoch"]
-    epochs_trained = hf.state.global_step // updates_per_epoch
-    windows_to_skip = 0 if hf.args.ignore_data_skip else hf.state.global_step % updates_per_epoch
+    epochs_trained = run.state.global_step // plan.updates_per_epoch
+    windows_to_skip = 0 if run.args.ignore_data_skip else run.state.global_step % plan.updates_per_epoch
     return ResumePoint(epochs_trained, windows_to_skip, rng)
 
 
-def _restore_from_folder(hf, folder: str):
-    args = hf.args
-    _load_weights(hf.model, folder)
+def _restore_from_folder(hooks: TrainerHooks, args, lightning_trainer, folder: str):
+    _load_weights(hooks.model, folder)
     state_file = os.path.join(folder, TRAINER_STATE_NAME)
     try:
         state = TrainerState.load_from_json(state_file)
     except (OSError, json.JSONDecodeError, TypeError) as err:
         raise ValueError(f"Cannot read {state_file!r}: {err}") from err
-    for name, target in ((OPTIMIZER_NAME, hf.optimizer), (SCHEDULER_NAME, hf.lr_scheduler)):
+    for name, target in ((OPTIMIZER_NAME, hooks.optimizer), (SCHEDULER_NAME, hooks.lr_scheduler)):
         file = os.path.join(folder, name)
         if os.path.isfile(file):
             _load_into(target, _torch_load(file, name), file)
-    scaler = getattr(hf.lightning_trainer.precision_plugin, "scaler", None)
+    scaler = getattr(lightning_trainer.precision_plugin, "scaler", None)
     if scaler is not None and os.path.isfile(os.path.join(folder, SCALER_NAME)):
         scaler.load_state_dict(_torch_load(os.path.join(folder, SCALER_NAME), SCALER_NAME))
     rng = None
@@ -393,22 +363,22 @@ def _restore_from_folder(hf, folder: str):
     return state, rng
 
 
-def _restore_from_lightning_ckpt(hf, file: str):
+def _restore_from_lightning_ckpt(hooks: TrainerHooks, args, file: str):
     checkpoint = _torch_load(file, "a Lightning checkpoint")
     missing = [k for k in ("state_dict", "callbacks") if k not in checkpoint]
     if missing or FLOW_KEY not in checkpoint["callbacks"]:
         raise ValueError(f"{file!r} is not an hf_lightning checkpoint: it lacks {missing or [FLOW_KEY]}.")
     prefix = "model."
     weights = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    _load_state_dict_checked(hf.model, weights, file)
+    _load_state_dict_checked(hooks.model, weights, file)
     if checkpoint.get("optimizer_states"):
-        _load_into(hf.optimizer, checkpoint["optimizer_states"][0], file)
+        _load_into(hooks.optimizer, checkpoint["optimizer_states"][0], file)
     if checkpoint.get("lr_schedulers"):
-        _load_into(hf.lr_scheduler, checkpoint["lr_schedulers"][0], file)
+        _load_into(hooks.lr_scheduler, checkpoint["lr_schedulers"][0], file)
     flow_state = checkpoint["callbacks"][FLOW_KEY]
     state = _state_from_json(json.loads(flow_state["trainer_state"]))
     rngs = flow_state.get("rng", {})
-    rng = rngs.get(str(hf.args.process_index)) or next(iter(rngs.values()), None)
+    rng = rngs.get(str(args.process_index)) or next(iter(rngs.values()), None)
     return state, rng
 
 
@@ -430,26 +400,14 @@ def _load_into(target, state_dict, source: str) -> None:
         ) from err
 
 
-def _load_callback_states(hf) -> None:
-    from transformers.trainer_callback import ExportableState
-
-    saved = hf.state.stateful_callbacks or {}
-    for cb in hf.callback_handler.callbacks:
+def _load_callback_states(run: RunState) -> None:
+    saved = run.state.stateful_callbacks or {}
+    for cb in run.callback_handler.callbacks:
         if isinstance(cb, ExportableState) and cb.__class__.__name__ in saved:
             entry = saved[cb.__class__.__name__]
             entry = entry[0] if isinstance(entry, list) else entry
             for key, value in entry.get("attributes", {}).items():
                 setattr(cb, key, value)
-
-
-def _move_lightning_counters(trainer, global_step: int, epochs_trained: int) -> None:
-    """Start Lightning's fit loop at the resumed epoch and optimizer step (its progress trackers are public
-    dataclasses; this is what Lightning's own loop restore sets for a manual-optimization run)."""
-    fit_loop = trainer.fit_loop
-    for tracker in (fit_loop.epoch_progress.total, fit_loop.epoch_progress.current):
-        tracker.ready = tracker.started = tracker.processed = tracker.completed = epochs_trained
-    step_progress = fit_loop.epoch_loop.manual_optimization.optim_step_progress
-    step_progress.total.ready = step_progress.total.completed = global_step
 
 
 def model_from_lightning_checkpoint(path: str):

@@ -8,15 +8,136 @@ Lightning's `global_step`, `max_steps` and progress bar count what transformers 
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import logging
 import math
+import random
+import sys
 from functools import partial
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
 from transformers.trainer_pt_utils import LengthGroupedSampler
-from transformers.trainer_utils import has_length, seed_worker
+from transformers.trainer_utils import RemoveColumnsCollator, has_length, seed_worker
+
+from .run import TrainingPlan
+
+
+def is_datasets_dataset(dataset) -> bool:
+    """isinstance(dataset, datasets.Dataset) without importing `datasets` (~0.3 s with pandas and pyarrow): an object
+    of that class exists only once the module is imported."""
+    module = sys.modules.get("datasets")
+    return module is not None and isinstance(dataset, module.Dataset)
+
+
+# ---------------------------------------------------------------------- columns
+
+
+def signature_columns(model, label_names: list[str]) -> list[str]:
+    """The columns a batch may keep: the arguments of the model's forward, plus the label columns."""
+    columns = list(inspect.signature(model.forward).parameters.keys())
+    return columns + list(set(["label", "label_ids"] + list(label_names)))
+
+
+def remove_unused_columns(dataset, columns: list[str], description: str | None, model_name: str):
+    """transformers' `_remove_unused_columns` for a `datasets.Dataset`, refusing a dataset that keeps nothing."""
+    kept = [k for k in columns if k in dataset.column_names]
+    ignored = sorted(set(dataset.column_names) - set(columns))
+    if not kept:
+        raise ValueError(
+            f"No column of the {description} dataset ({', '.join(dataset.column_names)}) is an argument of "
+            f"{model_name}.forward ({', '.join(columns)}). Tokenize the dataset into the model's inputs (e.g. "
+            "input_ids, attention_mask, labels), or set `remove_unused_columns=False` if your data_collator builds them."
+        )
+    return dataset.remove_columns(ignored) if ignored else dataset
+
+
+def removing_collator(data_collator, columns: list[str], description: str | None, model_name: str):
+    """transformers' collator wrapper that drops the columns the model does not take (for non-`datasets` data)."""
+    return RemoveColumnsCollator(
+        data_collator=data_collator,
+        signature_columns=columns,
+        logger=logging.getLogger("transformers.trainer"),
+        description=description,
+        model_name=model_name,
+    )
+
+
+@contextlib.contextmanager
+def _preserved_rng():
+    """Checks that peek at data must not shift the random streams training will draw from."""
+    states = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        yield
+    random.setstate(states[0])
+    np.random.set_state(states[1])
+
+
+def check_batch_fits_model(model, dataloader: DataLoader, description: str) -> None:
+    """Fail before training when the collated rows lack what the model's forward needs."""
+    dataset = dataloader.dataset
+    if isinstance(dataset, IterableDataset) or not has_length(dataset) or len(dataset) == 0:
+        return  # a stream is never consumed ahead of training
+    with _preserved_rng():
+        batch = dataloader.collate_fn([dataset[0]])
+    if not isinstance(batch, Mapping):
+        return
+    main_input = getattr(model, "main_input_name", "input_ids")
+    accepted = set(inspect.signature(model.forward).parameters)
+    if main_input in accepted and main_input not in batch and "inputs_embeds" not in batch:
+        raise ValueError(
+            f"The {description} batches have no `{main_input}`, which {model.__class__.__name__}.forward needs; "
+            f"they hold: {', '.join(batch) or 'nothing'}. Tokenize the dataset (e.g. with `dataset.map(tokenize)`) "
+            "so that every row has the model's inputs."
+        )
+
+
+# ---------------------------------------------------------------------- the plan
+
+
+def training_plan(args, micro_loader: DataLoader, train_batch_size: int, num_examples: int) -> TrainingPlan:
+    """transformers' `set_initial_training_values`: epochs, update steps per epoch, max_steps."""
+    ga = args.gradient_accumulation_steps
+    total_batch_size = train_batch_size * ga * args.world_size
+    if has_length(micro_loader):
+        len_dl = len(micro_loader)
+        if len_dl == 0:
+            raise ValueError(
+                "The training DataLoader is empty: the train_dataset has fewer rows than one batch with "
+                "dataloader_drop_last=True. Use a larger dataset or a smaller per_device_train_batch_size."
+            )
+        updates_per_epoch = max(len_dl // ga + int(len_dl % ga > 0), 1)
+        if args.max_steps > 0:
+            max_steps = args.max_steps
+            num_train_epochs = max_steps // updates_per_epoch + int(max_steps % updates_per_epoch > 0)
+            num_train_samples = max_steps * total_batch_size
+        else:
+            max_steps = math.ceil(args.num_train_epochs * updates_per_epoch)
+            num_train_epochs = math.ceil(args.num_train_epochs)
+            num_train_samples = num_examples * args.num_train_epochs
+        steps_in_epoch = len_dl
+    else:
+        max_steps = args.max_steps
+        num_train_epochs = 2**31
+        updates_per_epoch = max_steps
+        num_train_samples = max_steps * total_batch_size
+        steps_in_epoch = max_steps * ga
+    return TrainingPlan(
+        max_steps=max_steps,
+        num_train_epochs=num_train_epochs,
+        updates_per_epoch=updates_per_epoch,
+        steps_in_epoch=steps_in_epoch,
+        num_train_samples=num_train_samples,
+        total_batch_size=total_batch_size,
+        num_examples=num_examples,
+    )
+
+
+# ---------------------------------------------------------------------- samplers and loaders
 
 
 def train_sampler(args, dataset, processing_class=None):
@@ -144,6 +265,29 @@ class AccumulationWindows:
         from accelerate.data_loader import skip_first_batches
 
         yield from skip_first_batches(self.dataloader, skip)
+
+
+def num_examples(dataloader, args, train_batch_size: int) -> int:
+    """transformers' `num_examples`: the dataset's rows, else an estimate from the loader or max_steps."""
+    try:
+        return len(dataloader.dataset)
+    except (AttributeError, TypeError):
+        pass
+    try:
+        return len(dataloader) * args.per_device_train_batch_size
+    except TypeError:
+        return args.max_steps * train_batch_size * args.gradient_accumulation_steps
+
+
+def num_items_in_batch(batches: list, shifts_labels: bool, args, strategy=None):
+    """transformers' `_get_num_items_in_batch`: label tokens of a window, summed over the processes of a Lightning
+    strategy when `average_tokens_across_devices`, as a float tensor (transformers divides by its parallel sizes)."""
+    num_items = count_items(batches, shifts_labels)
+    if num_items is None:
+        return None
+    if args.average_tokens_across_devices and strategy is not None and getattr(strategy, "world_size", 1) > 1:
+        num_items = strategy.reduce(num_items, reduce_op="sum")
+    return num_items / 1
 
 
 def count_items(batches: list, shifts_labels: bool) -> torch.Tensor | None:

@@ -24,12 +24,17 @@ def _csv(args, save_dir, name):
 def _mlflow(args, save_dir, name):
     from lightning.pytorch.loggers import MLFlowLogger
 
-    # Without a tracking server the run goes to a local file store under output_dir (MLflow 3 wants an opt-in).
-    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if tracking_uri is None and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("1", "true"):
+        # MLflow 3 refuses its file store unless opted in; the choice of a store is the user's, not a library's.
+        raise ValueError(
+            "report_to='mlflow' needs a tracking store: set MLFLOW_TRACKING_URI (a server or a database), or "
+            "MLFLOW_ALLOW_FILE_STORE=true for a local file store under output_dir/mlruns."
+        )
     return MLFlowLogger(
         experiment_name=args.project or "huggingface",
         run_name=name,
-        tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", f"file:{os.path.join(save_dir, 'mlruns')}"),
+        tracking_uri=tracking_uri or f"file:{os.path.join(save_dir, 'mlruns')}",
     )
 
 
@@ -88,17 +93,16 @@ _LOGGER_NAMES = ("transformers", "datasets", "lightning", "lightning.pytorch", "
 
 def apply_log_levels(args: transformers.TrainingArguments) -> None:
     """transformers' rule (log_level on the main process, log_level_replica elsewhere; "passive" leaves levels alone),
-    applied to transformers, datasets, lightning and hf_lightning."""
+    applied to transformers, datasets (once imported), lightning and hf_lightning (Lightning is imported with
+hf_lightning, so its own level setting at import comes first)."""
     level = args.get_process_log_level()
     passive = args.log_level == "passive" if _is_main(args) else args.log_level_replica == "passive"
     if passive:
         return
     transformers.utils.logging.set_verbosity(level)
+    # `datasets` is imported only when the data is a datasets object (~0.3 s); train() applies the levels again.
     if "datasets" in sys.modules:
         sys.modules["datasets"].utils.logging.set_verbosity(level)
-    else:  # not imported yet (it costs ~0.3 s): datasets reads its level from here when it is
-        os.environ["DATASETS_VERBOSITY"] = logging.getLevelName(level).lower()
-    import lightning.pytorch  # noqa: F401 - importing it sets its own level, which must come first
 
     for name in _LOGGER_NAMES[2:]:
         logging.getLogger(name).setLevel(level)

@@ -13,21 +13,20 @@ Lightning cannot run as is:
   gets its own scheduler from `transformers.get_scheduler`, stepped in the same hook (transformers 5.24 builds those
   only when its scheduler sees the unwrapped dummy, which it never does, and `LayerWiseDummyScheduler` fails on
   torch >= 2.10's strict zip): the outer scheduler Lightning sees is a constant one.
-* `galore_adafactor_layerwise`: transformers gives GaLoreAdafactor its fixed-lr settings (scale_parameter=False,
-  relative_step=False) for `galore_adafactor` only, so the layer-wise form fails in its own lookup ("Cannot combine
-  manual lr and relative_step=True"); `lookup_fixes` applies the same settings to the layer-wise form.
 * Schedule-free optimizers are put in train() mode for training and eval() mode for evaluation and before weights
-  are saved (see module.py and checkpoint.py).
+  are saved.
+
+`OptimizerQuirks` is the one interface the rest of the package sees: `train()`, `eval()` and `backward()`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import types
 
 import torch
 import transformers
+from torch.overrides import TorchFunctionMode
 from transformers.trainer_pt_utils import LayerWiseDummyOptimizer
 
 
@@ -38,49 +37,36 @@ def is_lomo(optimizer) -> bool:
     return module is not None and isinstance(optimizer, (module.Lomo, module.AdaLomo))
 
 
-@contextlib.contextmanager
-def _cuda_calls_stay_put():
-    """AdaLomo allocates its state with `.cuda()`; without CUDA keep those tensors where they are."""
-    if torch.cuda.is_available():
-        yield
-        return
-    original = torch.Tensor.cuda
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self
-    try:
-        yield
-    finally:
-        torch.Tensor.cuda = original
+class _CudaCallsStayPut(TorchFunctionMode):
+    """AdaLomo allocates its state with `.cuda()`; on a machine without CUDA, keep those tensors where they are.
+    A torch function mode applies to the code run inside it on this thread only: nothing of torch is replaced."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.cuda:
+            return args[0]
+        return func(*args, **(kwargs or {}))
 
 
 # Optimizers whose kernels exist for CUDA only (bitsandbytes' 8-bit GaLore).
 CUDA_ONLY = ("galore_adamw_8bit", "galore_adamw_8bit_layerwise")
 
 
-@contextlib.contextmanager
-def lookup_fixes(args):
-    """Around transformers' optimizer lookup: the fixes listed in the module docstring."""
+def look_up(lookup, args, model):
+    """(optimizer class, kwargs) from transformers' lookup, refusing first what this machine cannot run, and naming
+    the pip extra when the optimizer's package is missing."""
     name = str(getattr(args.optim, "value", args.optim))
     if name in CUDA_ONLY and not torch.cuda.is_available():
         raise ValueError(
             f"TrainingArguments.optim={name!r} needs a CUDA GPU (bitsandbytes' 8-bit GaLore kernels); on this "
             "machine use 'galore_adamw' or 'adamw_bnb_8bit'."
         )
-    if str(getattr(args.optim, "value", args.optim)) != "galore_adafactor_layerwise":
-        yield
-        return
-    import galore_torch
-
-    original = galore_torch.GaLoreAdafactor
-
-    class GaLoreAdafactor(original):
-        def __init__(self, params, scale_parameter=False, relative_step=False, **kwargs):
-            super().__init__(params, scale_parameter=scale_parameter, relative_step=relative_step, **kwargs)
-
-    galore_torch.GaLoreAdafactor = GaLoreAdafactor  # transformers imports it inside the lookup
     try:
-        yield
-    finally:
-        galore_torch.GaLoreAdafactor = original
+        return lookup(args, model)
+    except ImportError as err:
+        raise ImportError(
+            f"TrainingArguments.optim={args.optim!r} needs a package that is not installed: {err} "
+            "The optimizers of the transformers guide install with: pip install 'hf-lightning[optimizers]'."
+        ) from err
 
 
 def optimizer_state_globals() -> list:
@@ -100,9 +86,41 @@ def optimizer_state_globals() -> list:
     return allowed
 
 
-def build_optimizer(optimizer_cls, params, optimizer_kwargs: dict):
-    with _cuda_calls_stay_put():
-        return optimizer_cls(params, **optimizer_kwargs)
+def build_optimizer(optimizer_cls, model, decay: set[str], args, optimizer_kwargs: dict):
+    """transformers' `create_optimizer`: two parameter groups (weight decay / none) of the trainable parameters, unless
+    the optimizer takes the parameters or the model itself (GaLore, LOMO, layer-wise optimizers)."""
+    groups = [
+        {
+            "params": [p for n, p in model.named_parameters() if n in decay and p.requires_grad],
+            "weight_decay": args.weight_decay,
+        },
+        {
+            "params": [p for n, p in model.named_parameters() if n not in decay and p.requires_grad],
+            "weight_decay": 0.0,
+        },
+    ]
+    optimizer_kwargs = dict(optimizer_kwargs)
+    for key in ("params", "model", "optimizer_dict"):
+        if key in optimizer_kwargs:
+            groups = optimizer_kwargs.pop(key)
+    if torch.cuda.is_available():
+        return optimizer_cls(groups, **optimizer_kwargs)
+    with _CudaCallsStayPut():
+        return optimizer_cls(groups, **optimizer_kwargs)
+
+
+def build_scheduler(args, optimizer, num_training_steps: int):
+    """transformers' `create_scheduler` (`get_scheduler` with the warmup and kwargs of `args`); for a layer-wise
+    optimizer, the per-parameter schedules and a constant outer one."""
+    if isinstance(optimizer, LayerWiseDummyOptimizer):
+        return layerwise_scheduler(args, optimizer, num_training_steps)
+    return transformers.get_scheduler(
+        args.lr_scheduler_type,
+        optimizer=optimizer,
+        num_warmup_steps=args.get_warmup_steps(num_training_steps),
+        num_training_steps=num_training_steps,
+        scheduler_specific_kwargs=args.lr_scheduler_kwargs,
+    )
 
 
 def _closure_only_step(self, closure=None):
@@ -137,3 +155,45 @@ def layerwise_scheduler(args, optimizer: LayerWiseDummyOptimizer, num_training_s
         if param.requires_grad:
             param.register_post_accumulate_grad_hook(step_scheduler)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+class OptimizerQuirks:
+    """How one optimizer departs from torch's `step()` contract, as the loop needs to know it.
+
+    * `backward(loss, default_backward, learning_rate)`: LOMO/AdaLomo update the weights inside their fused backward;
+      every other optimizer leaves the backward to Lightning (`default_backward`, the module's manual_backward);
+    * `train()` / `eval()`: schedule-free optimizers keep two sets of weights and must be told which one to use
+      (train before a training step, eval before an evaluation or a save); a no-op for the others.
+    """
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+        self.updates_in_backward = is_lomo(optimizer)
+        self.has_modes = callable(getattr(optimizer, "train", None)) and callable(getattr(optimizer, "eval", None))
+
+    def backward(self, loss, default_backward, learning_rate) -> None:
+        if self.updates_in_backward:
+            self.optimizer.fused_backward(loss, learning_rate())
+        else:
+            default_backward(loss)
+
+    def train(self) -> None:
+        if self.has_modes:
+            self.optimizer.train()
+
+    def eval(self) -> None:
+        if self.has_modes:
+            self.optimizer.eval()
+
+
+def current_learning_rate(optimizer, lr_scheduler, lightning_trainer=None) -> float:
+    """transformers' `_get_learning_rate`: the scheduler's last lr (the optimizer's for a plateau scheduler). The
+    scheduler Lightning holds wins: a Lightning callback may have swapped in its own (SWA's SWALR)."""
+    scheduler = lr_scheduler
+    if lightning_trainer is not None and lightning_trainer.lr_scheduler_configs:
+        scheduler = lightning_trainer.lr_scheduler_configs[0].scheduler
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        lr = optimizer.param_groups[0]["lr"]
+    else:
+        lr = scheduler.get_last_lr()[0]
+    return lr.item() if torch.is_tensor(lr) else lr

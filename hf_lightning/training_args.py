@@ -19,6 +19,8 @@ from typing import Any
 
 import transformers
 
+from .features import feature_callbacks
+
 HONOURED = "honoured"
 LIGHTNING = "lightning"
 UNSUPPORTED = "unsupported"
@@ -48,19 +50,19 @@ FIELD_POLICY: dict[str, tuple[str, str]] = {
     "fp16": (LIGHTNING, "precision='16-mixed'"),
     "bf16_full_eval": (UNSUPPORTED, "casting the model for evaluation is not implemented"),
     "fp16_full_eval": (UNSUPPORTED, "casting the model for evaluation is not implemented"),
-    "tf32": (HONOURED, "torch.backends.cuda.matmul.allow_tf32 / cudnn.allow_tf32"),
-    "activation_checkpointing": (HONOURED, "model.gradient_checkpointing_enable() before training"),
-    "activation_checkpointing_kwargs": (HONOURED, "passed to gradient_checkpointing_enable"),
-    "gradient_checkpointing": (HONOURED, "deprecated alias of activation_checkpointing"),
-    "gradient_checkpointing_kwargs": (HONOURED, "deprecated alias of activation_checkpointing_kwargs"),
+    "tf32": (LIGHTNING, "features.TF32 callback: torch.backends.cuda.matmul / cudnn allow_tf32"),
+    "activation_checkpointing": (LIGHTNING, "features.ActivationCheckpointing callback: gradient_checkpointing_enable"),
+    "activation_checkpointing_kwargs": (LIGHTNING, "features.ActivationCheckpointing callback"),
+    "gradient_checkpointing": (LIGHTNING, "deprecated alias of activation_checkpointing"),
+    "gradient_checkpointing_kwargs": (LIGHTNING, "deprecated alias of activation_checkpointing_kwargs"),
     "torch_compile": (UNSUPPORTED, "not implemented yet"),
     "torch_compile_backend": (UNSUPPORTED, "not implemented yet"),
     "torch_compile_mode": (UNSUPPORTED, "not implemented yet"),
     "use_liger_kernel": (UNSUPPORTED, "not implemented yet"),
     "liger_kernel_config": (UNSUPPORTED, "not implemented yet"),
     "use_cache": (HONOURED, "model.config.use_cache"),
-    "neftune_noise_alpha": (HONOURED, "transformers' NEFTune hook on the input embeddings during train()"),
-    "torch_empty_cache_steps": (HONOURED, "device cache emptied every N steps"),
+    "neftune_noise_alpha": (LIGHTNING, "features.NEFTune callback: transformers' noise hook while fitting"),
+    "torch_empty_cache_steps": (LIGHTNING, "features.EmptyDeviceCache callback: cache emptied every N steps"),
     "auto_find_batch_size": (UNSUPPORTED, "not implemented yet"),
     "logging_strategy": (HONOURED, "DefaultFlowCallback sets should_log"),
     "logging_steps": (HONOURED, "TrainerState.logging_steps (int or ratio)"),
@@ -252,6 +254,8 @@ def translate_arguments(args: transformers.TrainingArguments) -> dict[str, Any]:
         "enable_model_summary": False,
         "use_distributed_sampler": False,
         "log_every_n_steps": 1,
+        # NEFTune, activation checkpointing, tf32, empty_cache: a small Lightning callback each (features.py).
+        "callbacks": feature_callbacks(args),
     }
     if args.use_cpu:
         kwargs["accelerator"] = "cpu"
@@ -265,10 +269,24 @@ def translate_arguments(args: transformers.TrainingArguments) -> dict[str, Any]:
         kwargs.update(devices=local, num_nodes=max(world_size // local, 1))
         if kwargs["strategy"] == "auto":
             kwargs["strategy"] = "ddp"
-    extra = getattr(args, "lightning_trainer_kwargs", None) or {}
+    extra = dict(getattr(args, "lightning_trainer_kwargs", None) or {})
     _check_lightning_kwargs(extra, world_size)
+    kwargs["callbacks"] += list(extra.pop("callbacks", None) or [])
     kwargs.update(extra)
     return kwargs
+
+
+def loop_arguments(args, plan) -> dict[str, Any]:
+    """The `lightning.Trainer` loop limits of one `train()` (a `run.TrainingPlan`)."""
+    return {
+        "max_steps": plan.max_steps,
+        "max_epochs": plan.lightning_max_epochs,
+        # transformers' TrainerControl decides when to evaluate (flow.py), not val_check_interval.
+        "check_val_every_n_epoch": None,
+        "val_check_interval": max(plan.max_steps, 1),
+        # eval_on_start is Lightning's sanity check over the whole eval set.
+        "num_sanity_val_steps": -1 if args.eval_on_start else 0,
+    }
 
 
 def _asks_for_several_processes(devices, num_nodes) -> bool:

@@ -1,0 +1,106 @@
+"""Every private name of Lightning and transformers that hf_lightning relies on, in one place.
+
+Each function here reaches one name that is not part of its library's public API, says why no public one does the
+job, and is pinned by a test in tests/test_compat.py that fails when an upgrade moves it. Nothing else in the package
+touches a `_`-name of another library.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+
+# ---------------------------------------------------------------------- Lightning
+
+
+def attached_trainer(module: pl.LightningModule) -> pl.Trainer | None:
+    """The lightning.Trainer a LightningModule is attached to, or None (the public `.trainer` raises when detached)."""
+    return module._trainer
+
+
+def let_control_decide_validation(trainer: pl.Trainer, should_validate: Callable[..., bool]) -> None:
+    """Lightning decides when to validate from `val_check_interval`; transformers' TrainerControl decides here, so the
+    fit loop's epoch loop asks `should_validate` instead (its `_should_check_val_fx`, called after every batch)."""
+    epoch_loop = trainer.fit_loop.epoch_loop
+    if not hasattr(epoch_loop, "_should_check_val_fx"):
+        raise RuntimeError("lightning's _TrainingEpochLoop no longer has `_should_check_val_fx`: update compat.py.")
+    epoch_loop._should_check_val_fx = should_validate
+
+
+def is_last_batch(trainer: pl.Trainer) -> bool:
+    """Whether the batch just trained is the epoch's last one (Lightning knows it from its one-batch look-ahead)."""
+    return trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+
+
+def move_fit_loop_to(trainer: pl.Trainer, global_step: int, epochs_trained: int) -> None:
+    """Start Lightning's fit loop at a resumed epoch and optimizer step (what Lightning's own loop restore sets for a
+    manual-optimization run; resumes from transformers' folders do not go through Lightning's ckpt_path)."""
+    fit_loop = trainer.fit_loop
+    for tracker in (fit_loop.epoch_progress.total, fit_loop.epoch_progress.current):
+        tracker.ready = tracker.started = tracker.processed = tracker.completed = epochs_trained
+    step_progress = fit_loop.epoch_loop.manual_optimization.optim_step_progress
+    step_progress.total.ready = step_progress.total.completed = global_step
+
+
+def mark_epoch_finished(checkpoint: dict) -> None:
+    """Rewrite the fit-loop state of a Lightning checkpoint saved on an epoch's last batch into the state Lightning
+    has once that epoch ended: its own restore of "mid-epoch, last batch" starts one epoch late. The loop state is a
+    dict of progress counters plus the epoch loop's `_batches_that_stepped`."""
+    fit_loop = checkpoint["loops"]["fit_loop"]
+    epochs = fit_loop["epoch_progress"]
+    for part in ("total", "current"):
+        done = epochs[part]["ready"]
+        epochs[part].update(ready=done, started=done, processed=done, completed=done)
+    batches = fit_loop["epoch_loop.batch_progress"]
+    total = batches["total"]["ready"]
+    batches["total"].update(ready=total, started=total, processed=total, completed=total)
+    batches["current"] = {key: 0 for key in batches["current"]}
+    batches["is_last_batch"] = False
+    epoch_loop_state = fit_loop.get("epoch_loop.state_dict", {})
+    if "_batches_that_stepped" in epoch_loop_state:
+        epoch_loop_state["_batches_that_stepped"] += 1
+
+
+# ---------------------------------------------------------------------- transformers
+
+
+def tied_weight_keys(model) -> set[str]:
+    """Names (or patterns) of weights save_pretrained leaves out because they are tied to another one."""
+    return set(getattr(model, "_tied_weights_keys", None) or {})
+
+
+@functools.lru_cache(maxsize=None)
+def optimizer_lookup() -> Callable[[Any, Any], tuple[type, dict]]:
+    """transformers.Trainer.get_optimizer_cls_and_kwargs without importing transformers.trainer (and accelerate, ~0.4 s
+    of start-up) where the release has the lookup in its own module (5.x's `trainer_optimizer`, whose handler table
+    and context are private)."""
+    import transformers
+
+    try:
+        from transformers.trainer_optimizer import _OPTIMIZER_HANDLERS, OptimizerContext, _parse_optim_args
+    except ImportError:
+        return transformers.Trainer.get_optimizer_cls_and_kwargs
+
+    def lookup(args, model=None):
+        name = str(getattr(args.optim, "value", args.optim))
+        optimizer_kwargs: dict[str, Any] = {"lr": args.learning_rate}
+        if name == "galore_adafactor_layerwise":
+            # transformers gives GaLoreAdafactor its fixed-lr settings for `galore_adafactor` only; the layer-wise
+            # form then fails in its own lookup ("Cannot combine manual lr and relative_step=True").
+            optimizer_kwargs.update(scale_parameter=False, relative_step=False)
+        ctx = OptimizerContext(
+            args=args,
+            model=model,
+            optimizer_kwargs=optimizer_kwargs,
+            adam_kwargs={"betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon},
+            optim_args=_parse_optim_args(args.optim_args),
+        )
+        handler = _OPTIMIZER_HANDLERS.get(args.optim)
+        if handler is None:
+            raise ValueError(f"TrainingArguments.optim={args.optim!r} is not an optimizer transformers knows.")
+        return handler(ctx)
+
+    return lookup

@@ -1,0 +1,155 @@
+"""transformers' `evaluation_loop` bookkeeping, for batches that Lightning's validation/test loop hands over.
+
+`EvaluationRun` keeps one dataset's losses, predictions, labels and inputs in transformers' `EvalLoopContainer`s;
+`finish` turns them into transformers' metrics; `report` is what transformers does after its evaluation loop (speed
+metrics, `log`, `on_evaluate`; for a prediction only `on_predict`) — one function for in-training evaluations,
+`evaluate()` and `predict()`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from transformers.trainer_pt_utils import EvalLoopContainer, find_batch_size
+from transformers.trainer_utils import EvalPrediction, denumpify_detensorize, speed_metrics
+
+from .run import RunState, TrainerHooks
+
+EVALUATION = "Evaluation"
+PREDICTION = "Prediction"
+
+
+@dataclass
+class EvaluationOutput:
+    """What one evaluation of one dataset produced (transformers' EvalLoopOutput plus its prefix and start time)."""
+
+    prefix: str
+    description: str
+    start_time: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    predictions: Any = None
+    label_ids: Any = None
+    num_samples: int = 0
+
+
+class EvaluationRun:
+    """The containers of transformers' `evaluation_loop` for one dataset."""
+
+    def __init__(self, args, prefix: str, description: str, ignore_keys=None):
+        self.args = args
+        self.prefix = prefix
+        self.description = description
+        self.ignore_keys = ignore_keys
+        self.start_time = time.time()
+        self.losses = EvalLoopContainer(args.eval_do_concat_batches, padding_index=-100)
+        self.preds = EvalLoopContainer(args.eval_do_concat_batches, padding_index=-100)
+        self.labels = EvalLoopContainer(args.eval_do_concat_batches, padding_index=-100)
+        self.inputs = EvalLoopContainer(args.eval_do_concat_batches, padding_index=-100)
+        self.observed = 0
+        self.steps = 0
+        self.batch_metrics = None
+
+    def step(self, hooks: TrainerHooks, model, inputs, num_batches: float) -> None:
+        """One batch: transformers' `prediction_step`, then what its loop keeps of the result."""
+        args = self.args
+        prediction_loss_only = True if hooks.compute_metrics is None else args.prediction_loss_only
+        if self.description == PREDICTION:
+            prediction_loss_only = args.prediction_loss_only
+        batch_size = find_batch_size(inputs)
+        self.observed += batch_size or 0
+        main_input_name = getattr(model, "main_input_name", "input_ids")
+        inputs_decode = inputs[main_input_name] if "inputs" in args.include_for_metrics else None
+        losses, logits, labels = hooks.prediction_step(model, inputs, prediction_loss_only, ignore_keys=self.ignore_keys)
+        keep_all = not args.batch_eval_metrics or self.description == PREDICTION
+        if losses is not None:
+            losses = losses.repeat(batch_size or args.eval_batch_size)
+            self.losses.add(losses)
+        if inputs_decode is not None and keep_all:
+            self.inputs.add(inputs_decode)
+        if logits is not None:
+            if hooks.preprocess_logits_for_metrics is not None:
+                logits = hooks.preprocess_logits_for_metrics(logits, labels)
+            if keep_all:
+                self.preds.add(logits)
+        if labels is not None and keep_all:
+            self.labels.add(labels)
+        self.steps += 1
+        if args.batch_eval_metrics:
+            if hooks.compute_metrics is not None and logits is not None and labels is not None:
+                self.batch_metrics = hooks.compute_metrics(
+                    EvalPrediction(
+                        predictions=logits,
+                        label_ids=labels,
+                        losses=losses if "loss" in args.include_for_metrics else None,
+                        inputs=inputs if "inputs" in args.include_for_metrics else None,
+                    ),
+                    compute_result=self.steps == num_batches,
+                )
+        elif args.eval_accumulation_steps is not None and self.steps % args.eval_accumulation_steps == 0:
+            for container in (self.losses, self.preds, self.labels, self.inputs):
+                container.to_cpu_and_numpy()
+
+    def finish(self, hooks: TrainerHooks, run: RunState, dataset) -> EvaluationOutput:
+        """transformers' metrics for the whole dataset (compute_metrics, the mean loss, the prefix on every key)."""
+        args = self.args
+        all_losses = self.losses.get_arrays()
+        all_preds = self.preds.get_arrays()
+        all_labels = self.labels.get_arrays()
+        all_inputs = self.inputs.get_arrays()
+        if hooks.compute_metrics is not None and all_preds is not None and all_labels is not None and not args.batch_eval_metrics:
+            metrics = hooks.compute_metrics(
+                EvalPrediction(
+                    predictions=all_preds,
+                    label_ids=all_labels,
+                    losses=all_losses if "loss" in args.include_for_metrics else None,
+                    inputs=all_inputs if "inputs" in args.include_for_metrics else None,
+                )
+            )
+        else:
+            metrics = self.batch_metrics or {}
+        metrics = denumpify_detensorize(metrics)
+        losses = np.concatenate(all_losses) if isinstance(all_losses, list) and all_losses else all_losses
+        if isinstance(losses, np.ndarray):
+            finite = np.isfinite(losses)
+            if args.logging_nan_inf_filter and finite.any():
+                losses = losses[finite]
+            metrics[f"{self.prefix}_loss"] = losses.mean().item()
+        start_time = self.start_time
+        if run.model_preparation_time is not None:
+            metrics[f"{self.prefix}_model_preparation_time"] = run.model_preparation_time
+            start_time += run.model_preparation_time
+        for key in list(metrics.keys()):
+            if not key.startswith(f"{self.prefix}_"):
+                metrics[f"{self.prefix}_{key}"] = metrics.pop(key)
+        try:
+            num_samples = len(dataset)
+        except TypeError:
+            num_samples = self.observed
+        if num_samples == 0 and self.observed > 0:
+            num_samples = self.observed
+        return EvaluationOutput(self.prefix, self.description, start_time, metrics, all_preds, all_labels, num_samples)
+
+
+def report(hooks: TrainerHooks, run: RunState, output: EvaluationOutput) -> dict[str, float]:
+    """What transformers does after its evaluation loop: speed metrics, then `log` + `on_evaluate` for an
+    evaluation, `on_predict` for a prediction (which transformers does not log)."""
+    metrics = output.metrics
+    total_batch_size = run.args.eval_batch_size * run.args.world_size
+    metrics.update(
+        speed_metrics(
+            output.prefix,
+            output.start_time,
+            num_samples=output.num_samples,
+            num_steps=math.ceil(output.num_samples / total_batch_size),
+        )
+    )
+    if output.description == PREDICTION:
+        run.on_predict(metrics)
+    else:
+        hooks.log(metrics)
+        run.on_evaluate(metrics)
+    return metrics

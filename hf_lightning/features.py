@@ -1,0 +1,118 @@
+"""TrainingArguments switches that are a small Lightning callback each (chosen in training_args.translate_arguments).
+
+    neftune_noise_alpha          NEFTune            transformers' noise hook on the input embeddings while fitting
+    activation_checkpointing     ActivationCheckpointing   model.gradient_checkpointing_enable before the strategy wraps it
+    tf32                         TF32               torch's TF32 matmul/cuDNN switches on CUDA
+    torch_empty_cache_steps      EmptyDeviceCache   the device cache emptied before the backward every N steps
+"""
+
+from __future__ import annotations
+
+import atexit
+
+import lightning.pytorch as pl
+import torch
+
+
+class NEFTune(pl.Callback):
+    """transformers' NEFTune (`neftune_noise_alpha`): uniform noise added to the input embeddings during training.
+
+    The hook is registered when fitting starts and removed when it ends, also when it ends by an exception, so the
+    model a user keeps after `train()` embeds without noise, as with transformers.
+    """
+
+    def __init__(self, noise_alpha: float):
+        self.noise_alpha = noise_alpha
+        self._handle = None
+
+    def on_fit_start(self, trainer, pl_module):
+        from transformers.integrations.neftune import activate_neftune
+
+        self._handle = activate_neftune(pl_module.model, self.noise_alpha)
+
+    def on_fit_end(self, trainer, pl_module):
+        self._remove(pl_module)
+
+    def on_exception(self, trainer, pl_module, exception):
+        self._remove(pl_module)
+
+    def _remove(self, pl_module):
+        if self._handle is not None:
+            from transformers.integrations.neftune import deactivate_neftune
+
+            deactivate_neftune(pl_module.model, self._handle)
+            self._handle = None
+
+
+class ActivationCheckpointing(pl.Callback):
+    """`activation_checkpointing` / `gradient_checkpointing` and their kwargs, split as transformers splits them:
+    `every_n_layers` and `offload` select and place, the rest goes to torch.utils.checkpoint."""
+
+    def __init__(self, kwargs: dict | None):
+        self.kwargs = dict(kwargs or {})
+
+    def setup(self, trainer, pl_module, stage):
+        if stage != "fit":
+            return
+        kwargs = dict(self.kwargs)
+        options = {"every_n_layers": kwargs.pop("every_n_layers", 1), "offload": kwargs.pop("offload", False)}
+        model = pl_module.model
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None, **options)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None, **options)
+
+
+class TF32(pl.Callback):
+    """`tf32`: TensorFloat-32 for CUDA matmuls and cuDNN, as transformers sets it (where CUDA is)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def setup(self, trainer, pl_module, stage):
+        if torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = self.enabled
+            torch.backends.cudnn.allow_tf32 = self.enabled
+
+
+class EmptyDeviceCache(pl.Callback):
+    """`torch_empty_cache_steps`: the accelerator's cache emptied every N optimizer steps, before the backward (where
+    transformers empties it, after the forward)."""
+
+    def __init__(self, every_n_steps: int):
+        self.every_n_steps = every_n_steps
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        if trainer.global_step % self.every_n_steps == 0:
+            from accelerate.utils import clear_device_cache
+
+            clear_device_cache()
+
+
+def feature_callbacks(args) -> list[pl.Callback]:
+    """The callbacks these TrainingArguments switch on."""
+    callbacks: list[pl.Callback] = []
+    if args.neftune_noise_alpha is not None:
+        callbacks.append(NEFTune(args.neftune_noise_alpha))
+    if args.activation_checkpointing or args.gradient_checkpointing:
+        callbacks.append(
+            ActivationCheckpointing(args.activation_checkpointing_kwargs or args.gradient_checkpointing_kwargs)
+        )
+    if args.tf32 is not None:
+        callbacks.append(TF32(args.tf32))
+    if args.torch_empty_cache_steps is not None:
+        callbacks.append(EmptyDeviceCache(args.torch_empty_cache_steps))
+    return callbacks
+
+
+_destroy_registered = False
+
+
+def release_process_group_at_exit() -> None:
+    """Release the process group when the script ends, as Lightning does for NCCL only: a gloo group still alive while
+    the interpreter shuts down aborts the process ("terminate called without an active exception") in about one
+    torchrun job in three, after the work is done — transformers 5.24 does the same unless `trainer.end()` is called."""
+    global _destroy_registered
+    if not _destroy_registered and torch.distributed.is_available() and torch.distributed.is_initialized():
+        atexit.register(lambda: torch.distributed.is_initialized() and torch.distributed.destroy_process_group())
+        _destroy_registered = True

@@ -1,0 +1,146 @@
+"""What one training or prediction step computes, as transformers 5.x computes it.
+
+The facade's overridable hooks (`compute_loss`, `training_step`, `prediction_step`, `_get_num_items_in_batch`)
+call these functions with everything they need passed in, so that a subclass that overrides one hook still gets
+transformers' behaviour from the others.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+from transformers.modeling_utils import PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
+from transformers.trainer_pt_utils import LabelSmoother, nested_detach
+from transformers.utils.generic import can_return_loss, find_labels
+
+
+@dataclass(frozen=True)
+class ModelTraits:
+    """What transformers' Trainer reads off a model once (its attributes of the same names)."""
+
+    model_accepts_loss_kwargs: bool  # forward takes num_items_in_batch
+    label_names: list[str]
+    can_return_loss: bool
+    loss_shifts_labels: bool  # a causal-LM loss: label tokens are counted from position 1
+    label_smoother: LabelSmoother | None
+
+
+def inspect_model(model: nn.Module, args) -> ModelTraits:
+    """transformers' checks and introspection of the model given to the Trainer."""
+    base_model_names = {
+        name for value in MODEL_MAPPING_NAMES.values() for name in (value if isinstance(value, tuple) else (value,))
+    }
+    if model.__class__.__name__ in base_model_names:
+        raise ValueError(
+            f"The model you have picked ({model.__class__.__name__}) cannot be used as is for training: it only "
+            "computes hidden states and does not accept any labels. Choose a model with a head suitable for your "
+            "task, like any of the `AutoModelForXxx` classes."
+        )
+    if hasattr(model, "accepts_loss_kwargs"):
+        accepts_loss_kwargs = model.accepts_loss_kwargs
+    else:
+        forward_params = inspect.signature(model.forward).parameters
+        accepts_loss_kwargs = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in forward_params.values())
+    config = getattr(model, "config", None)
+    return ModelTraits(
+        model_accepts_loss_kwargs=accepts_loss_kwargs,
+        label_names=find_labels(model.__class__) if args.label_names is None else args.label_names,
+        can_return_loss=can_return_loss(model.__class__),
+        loss_shifts_labels=LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss
+        and not getattr(config, "is_encoder_decoder", False),
+        label_smoother=LabelSmoother(epsilon=args.label_smoothing_factor) if args.label_smoothing_factor != 0 else None,
+    )
+
+
+def train_mode(model: nn.Module) -> None:
+    """`model.train()`, as transformers calls it before every micro-batch, skipped when every module already trains
+    and none overrides `train` (the recursive call would change nothing)."""
+    plain = (nn.Module.train, PreTrainedModel.train)
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        if not module.training or type(module).train not in plain:
+            model.train()
+            return
+        stack.extend(module.children())
+
+
+@functools.lru_cache(maxsize=None)
+def takes_num_items(compute_loss) -> bool:
+    """Whether a compute_loss override has transformers 5's `num_items_in_batch` (the guide's 4-argument one does not)."""
+    params = inspect.signature(compute_loss).parameters
+    return "num_items_in_batch" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+
+def compute_loss(model, inputs, num_items_in_batch, *, label_smoother, compute_loss_func, model_accepts_loss_kwargs,
+                 args) -> tuple[torch.Tensor, Any]:
+    """transformers 5.x's compute_loss: the model's own loss, label smoothing, or compute_loss_func; (loss, outputs)."""
+    if (label_smoother is not None or compute_loss_func is not None) and "labels" in inputs:
+        labels = inputs.pop("labels")
+    else:
+        labels = None
+    if model_accepts_loss_kwargs and num_items_in_batch is not None:
+        inputs = {**inputs, "num_items_in_batch": num_items_in_batch}
+    outputs = model(**inputs)
+    if compute_loss_func is not None:
+        loss = compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
+    elif labels is not None:
+        shift = type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+        loss = label_smoother(outputs, labels, shift_labels=shift, num_items_in_batch=num_items_in_batch)
+    else:
+        if isinstance(outputs, dict) and "loss" not in outputs:
+            raise ValueError(
+                f"{model.__class__.__name__} did not return a loss; it returned only: {','.join(outputs.keys())}. "
+                f"Its inputs were: {','.join(inputs.keys())}. Add the labels to the dataset (a `labels` column), "
+                "or pass `compute_loss_func=` / override `compute_loss`."
+            )
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
+        if loss is None:
+            raise ValueError(
+                f"{model.__class__.__name__} returned loss=None: the batch has no labels "
+                f"(it holds {', '.join(inputs.keys())}). Add a `labels` column or set `label_names`."
+            )
+    if args.average_tokens_across_devices and (model_accepts_loss_kwargs or compute_loss_func) and num_items_in_batch is not None:
+        loss = loss * args.world_size
+    return loss, outputs
+
+
+def prediction_step(model, inputs, prediction_loss_only: bool, ignore_keys, *, label_names, can_return_loss,
+                    loss_fn) -> tuple:
+    """transformers' prediction_step: (loss, logits, labels) of one evaluation batch; `loss_fn(inputs)` returns
+    (loss, outputs) through the facade's compute_loss."""
+    has_labels = len(label_names) > 0 and all(inputs.get(k) is not None for k in label_names)
+    return_loss = inputs.get("return_loss")
+    if return_loss is None:
+        return_loss = can_return_loss
+    loss_without_labels = len(label_names) == 0 and return_loss
+    if ignore_keys is None:
+        ignore_keys = getattr(getattr(model, "config", None), "keys_to_ignore_at_inference", ["cache"]) or []
+    labels = None
+    if has_labels or loss_without_labels:
+        labels = nested_detach(tuple(inputs.get(name) for name in label_names))
+        if len(labels) == 1:
+            labels = labels[0]
+    with torch.no_grad():
+        if has_labels or loss_without_labels:
+            loss, outputs = loss_fn(inputs)
+            loss = loss.detach().mean()
+            skip = ignore_keys + ["loss"]
+            logits = tuple(v for k, v in outputs.items() if k not in skip) if isinstance(outputs, dict) else outputs[1:]
+        else:
+            loss = None
+            outputs = model(**inputs)
+            logits = tuple(v for k, v in outputs.items() if k not in ignore_keys) if isinstance(outputs, dict) else outputs
+    if prediction_loss_only:
+        return (loss, None, None)
+    logits = nested_detach(logits)
+    if len(logits) == 1:
+        logits = logits[0]
+    return (loss, logits, labels)
