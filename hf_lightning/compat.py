@@ -64,6 +64,16 @@ def mark_epoch_finished(checkpoint: dict) -> None:
         epoch_loop_state["_batches_that_stepped"] += 1
 
 
+# ---------------------------------------------------------------------- torch
+
+
+def unscales_in_step(optimizer) -> bool:
+    """Whether an optimizer unscales fp16 gradients inside its own `step()` (torch's fused AdamW says so through
+    `_step_supports_amp_scaling`, which GradScaler reads); Lightning then leaves the unscaling to it."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # Lightning's LightningOptimizer wraps it
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
 # ---------------------------------------------------------------------- transformers
 
 

@@ -20,7 +20,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import ParallelStrategy
 
-from .compat import attached_trainer
+from . import compat
 from .evaluation import EvaluationOutput, EvaluationRun
 from .optimizers import OptimizerQuirks
 from .run import RunState, TrainerHooks
@@ -131,7 +131,7 @@ class TransformersModule(pl.LightningModule):
         """After unscaling (fp16) and before the step: transformers clips here, then fires on_pre_optimizer_step."""
         args = self.run_state.args
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+        if scaler is not None and compat.unscales_in_step(optimizer):
             # Lightning leaves unscaling to optimizers that do it inside step() (fused AdamW, transformers' default);
             # the norm and the clipping must see the true gradients (torch's GradScaler.step accepts this).
             scaler.unscale_(optimizer)
@@ -207,7 +207,7 @@ class TransformersModule(pl.LightningModule):
     def publish_metrics(self, logs: dict, step: int) -> None:
         """Hand transformers' log entries to Lightning: monitors (EarlyStopping, ModelCheckpoint) read
         `callback_metrics`, loggers get the values at transformers' step."""
-        trainer = attached_trainer(self)
+        trainer = compat.attached_trainer(self)
         if trainer is None:
             return
         scalars = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -1,0 +1,172 @@
+"""Every private name of Lightning, torch and transformers that hf_lightning uses lives in compat.py; each is pinned
+here against the real library, so that an upgrade that moves one fails in this file."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import transformers
+from torch.utils.data import DataLoader, TensorDataset
+
+from hf_lightning import compat
+
+PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "hf_lightning"
+
+
+class Tiny(pl.LightningModule):
+    """A real LightningModule with manual optimization, as hf_lightning's."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.layer = torch.nn.Linear(2, 1)
+        self.validations = 0
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        self.manual_backward(self.layer(batch[0]).sum())
+        optimizer.step()
+        optimizer.zero_grad()
+
+    def validation_step(self, batch, batch_idx):
+        self.validations += 1
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def loader(n=4):
+    return DataLoader(TensorDataset(torch.randn(n, 2)), batch_size=1)
+
+
+def lightning_trainer(tmp_path, **kwargs):
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, default_root_dir=str(tmp_path))
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+def test_attached_trainer(tmp_path):
+    module = Tiny()
+    assert compat.attached_trainer(module) is None
+    trainer = lightning_trainer(tmp_path, max_steps=1)
+    trainer.fit(module, loader())
+    assert compat.attached_trainer(module) is trainer
+
+
+def test_control_decides_validation_and_last_batch_is_known(tmp_path):
+    seen = []
+
+    class Watch(pl.Callback):
+        def setup(self, trainer, pl_module, stage):
+            compat.let_control_decide_validation(trainer, lambda *a: trainer.global_step == 2)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(compat.is_last_batch(trainer))
+
+    module = Tiny()
+    trainer = lightning_trainer(tmp_path, max_epochs=1, callbacks=[Watch()], num_sanity_val_steps=0)
+    trainer.fit(module, loader(4), loader(3))
+    assert module.validations == 3  # one validation over 3 batches, after step 2 only (not at the epoch's end)
+    assert seen == [False, False, False, True]
+
+
+def test_move_fit_loop_to_starts_at_the_resumed_step(tmp_path):
+    steps = []
+
+    class Move(pl.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            compat.move_fit_loop_to(trainer, global_step=5, epochs_trained=1)
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            steps.append((trainer.current_epoch, trainer.global_step))
+
+    trainer = lightning_trainer(tmp_path, max_steps=7, callbacks=[Move()])
+    trainer.fit(Tiny(), loader(4))
+    assert steps == [(1, 5), (1, 6)]
+
+
+def test_mark_epoch_finished_resumes_at_the_next_epoch(tmp_path):
+    path = tmp_path / "last.ckpt"
+
+    class SaveOnLastBatch(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.current_epoch == 0 and compat.is_last_batch(trainer):
+                trainer.save_checkpoint(path)
+
+    lightning_trainer(tmp_path, max_epochs=1, callbacks=[SaveOnLastBatch()]).fit(Tiny(), loader(4))
+    checkpoint = torch.load(path, weights_only=False)
+    compat.mark_epoch_finished(checkpoint)
+    torch.save(checkpoint, path)
+
+    starts = []
+
+    class Record(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            starts.append((trainer.current_epoch, batch_idx, trainer.global_step))
+
+    lightning_trainer(tmp_path, max_epochs=2, callbacks=[Record()]).fit(Tiny(), loader(4), ckpt_path=str(path))
+    assert starts[0] == (1, 0, 4)  # the second epoch from its first batch, not a replay of the finished one
+    assert len(starts) == 4
+
+
+def test_unscales_in_step():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert compat.unscales_in_step(torch.optim.AdamW(params, fused=True)) is True
+    assert compat.unscales_in_step(torch.optim.AdamW(params)) is False
+
+
+def test_tied_weight_keys():
+    config = transformers.LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
+    keys = compat.tied_weight_keys(transformers.LlamaForCausalLM(config))
+    assert any("lm_head" in key for key in keys)
+
+
+def test_optimizer_lookup_matches_transformers():
+    args = transformers.TrainingArguments("unused", optim="adamw_torch", learning_rate=3e-4, report_to="none")
+    cls, kwargs = compat.optimizer_lookup()(args)
+    expected_cls, expected_kwargs = transformers.Trainer.get_optimizer_cls_and_kwargs(args)
+    assert cls is expected_cls and kwargs == expected_kwargs
+
+
+def test_optimizer_lookup_gives_layerwise_galore_adafactor_its_fixed_lr():
+    pytest.importorskip("galore_torch")
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    args = transformers.TrainingArguments("unused", optim="galore_adafactor_layerwise", optim_target_modules=["0"],
+                                          report_to="none")
+    cls, kwargs = compat.optimizer_lookup()(args, model)
+    # transformers' own lookup fails here ("Cannot combine manual lr and relative_step=True").
+    assert kwargs["optimizer_dict"]
+
+
+def test_private_names_of_other_libraries_appear_in_compat_only():
+    """Outside compat.py, an attribute with a leading underscore is only ever our own (`self._x`) or one of the
+    transformers hooks a subclass overrides (TrainerHooks' `_get_num_items_in_batch`, ...)."""
+    from hf_lightning.run import TrainerHooks
+
+    hooks = {name for name in vars(TrainerHooks) if name.startswith("_") and not name.startswith("__")}
+    found = []
+    for path in PACKAGE.glob("*.py"):
+        if path.name == "compat.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                owner = node.value.id if isinstance(node.value, ast.Name) else None
+                if owner not in ("self", "cls") and node.attr not in hooks:
+                    found.append(f"{path.name}:{node.lineno} .{node.attr}")
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                found += [f"{path.name}:{node.lineno} import {a.name}" for a in node.names if a.name.startswith("_")]
+            # getattr(x, "_name") / x["_name"]: the same reach, spelled as a string
+            names = []
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and len(node.args) > 1 \
+                    and node.func.id in ("getattr", "hasattr", "setattr"):
+                names.append(node.args[1])
+            if isinstance(node, ast.Subscript):
+                names.append(node.slice)
+            found += [f"{path.name}:{node.lineno} '{n.value}'" for n in names if isinstance(n, ast.Constant)
+                      and isinstance(n.value, str) and n.value.startswith("_") and not n.value.startswith("__")]
+    assert found == []
