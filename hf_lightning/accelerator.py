@@ -380,7 +380,7 @@ class LightningAccelerator:
         itself), then `LightningModule.manual_backward`, so the precision plugin's loss scaling and the strategy's
         backward hooks apply. `learning_rate=` runs a LOMO optimizer's fused backward, as in accelerate."""
         learning_rate = kwargs.pop("learning_rate", None)
-        if self.distributed_type != DistributedType.DEEPSPEED:
+        if self.gradient_accumulation_steps != 1 and self.distributed_type != DistributedType.DEEPSPEED:
             loss = loss / self.gradient_accumulation_steps
         if learning_rate is not None:
             for optimizer in self._attached_optimizers():

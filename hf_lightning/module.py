@@ -99,14 +99,19 @@ class TransformersModule(pl.LightningModule):
         run.current_gradient_accumulation_steps = len(window)
         num_items = hooks._get_num_items_in_batch(window, self.device)
         strategy = self.trainer.strategy
-        for i, inputs in enumerate(window):
-            last = i == len(window) - 1
-            no_sync = strategy.block_backward_sync() if isinstance(strategy, ParallelStrategy) and not last else None
-            with no_sync or contextlib.nullcontext():
-                loss = hooks.training_step(self.model, inputs, num_items)
-            flow.add_micro_batch(loss, inputs)
-            if not last:
-                run.on_substep_end()
+        accelerator = hooks.accelerator
+        try:
+            for i, inputs in enumerate(window):
+                last = i == len(window) - 1
+                accelerator.sync_gradients = last  # as accelerate's accumulate() tells user code
+                no_sync = strategy.block_backward_sync() if isinstance(strategy, ParallelStrategy) and not last else None
+                with no_sync or contextlib.nullcontext():
+                    loss = hooks.training_step(self.model, inputs, num_items)
+                flow.add_micro_batch(loss, inputs)
+                if not last:
+                    run.on_substep_end()
+        finally:
+            accelerator.sync_gradients = True
         optimizer = self.optimizers()
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         scale_before = scaler.get_scale() if scaler is not None else None

@@ -45,6 +45,7 @@ class TrainerHooks(Protocol):
 
     args: Any
     model: nn.Module
+    accelerator: Any  # accelerator.LightningAccelerator: accelerate's API on the Lightning strategy
     processing_class: Any
     optimizer: torch.optim.Optimizer | None
     lr_scheduler: Any

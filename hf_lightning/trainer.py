@@ -35,6 +35,7 @@ from . import checkpoint as ckpt
 from . import compat, evaluation, inputs, steps
 from . import data as hf_data
 from . import optimizers as hf_optimizers
+from .accelerator import LightningAccelerator
 from .callbacks import CallbackHandler, pop_lightning_callback, split_callbacks
 from .features import release_process_group_at_exit
 from .flow import TrainingFlow
@@ -145,6 +146,10 @@ class Trainer:
         self.lightning_trainer: pl.Trainer | None = None  # created by train()/evaluate()/predict()
         self.lightning_module: TransformersModule | None = None  # the LightningModule around self.model
         self._created_lr_scheduler = False
+        # accelerate's Accelerator API answered by the Lightning strategy in use. As in transformers, its accumulation
+        # is 1: training_step scales the loss itself.
+        self.accelerator = LightningAccelerator(lambda: self.lightning_trainer, lambda: self.lightning_module,
+                                                gradient_accumulation_steps=1, cpu=args.use_cpu)
         self._run.on_init_end()
         if getattr(self.model, "config", None) is not None:
             self.model.config.use_cache = self.args.use_cache
@@ -333,7 +338,7 @@ class Trainer:
             )
         if not scaled:
             loss = loss / self.current_gradient_accumulation_steps
-        self.lightning_module.manual_backward(loss)
+        self.accelerator.backward(loss)
         return loss.detach()
 
     def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys: list[str] | None = None):

@@ -426,3 +426,48 @@ def test_two_processes_backward_and_model(two_processes):
         # Inside no_sync each process kept its own gradient (process r's inputs are scaled by r + 1).
         own = [v / 1.5 for v in rec["grad_expected"]]
         assert rec["grad_no_sync"] == [own, [2 * v for v in own]]
+
+
+# ---------------------------------------------------------------------- wired into hf_lightning.Trainer
+
+
+def _accelerate_style(trainer_cls):
+    """A TRL-style subclass: its own training_step calls `self.accelerator.backward`, its evaluation gathers with
+    `self.accelerator.gather_for_metrics` and records `sync_gradients` per micro-batch."""
+
+    class AccelerateStyle(trainer_cls):
+        sync_flags: list = []
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            model.train()
+            type(self).sync_flags.append(self.accelerator.sync_gradients)
+            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+            loss = loss / self.current_gradient_accumulation_steps
+            self.accelerator.backward(loss)
+            return loss.detach()
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+            gathered = self.accelerator.gather_for_metrics((logits, labels))
+            return loss, gathered[0], gathered[1]
+
+    return AccelerateStyle
+
+
+def test_a_subclass_on_the_accelerator_trains_and_evaluates_as_on_transformers(single_process_env, tmp_path):
+    import transformers
+    from differential import assert_same_run, run_pair
+    from helpers import accuracy, classification_dataset, tiny_bert
+
+    import hf_lightning
+
+    hf_cls, hl_cls = _accelerate_style(transformers.Trainer), _accelerate_style(hf_lightning.Trainer)
+    hf_cls.sync_flags, hl_cls.sync_flags = [], []
+    results = run_pair(tmp_path, tiny_bert, classification_dataset(10), classification_dataset(6, seed=1),
+                       hf_cls=hf_cls, hl_cls=hl_cls, trainer_kwargs={"compute_metrics": accuracy},
+                       gradient_accumulation_steps=2, per_device_train_batch_size=2, logging_steps=1,
+                       eval_strategy="epoch", num_train_epochs=2, learning_rate=1e-3)
+    assert_same_run(results)
+    assert hl_cls.sync_flags == hf_cls.sync_flags == [False, True, False, True, True] * 2
+    assert "eval_accuracy" in results["hl"][0].state.log_history[-2]
+    assert results["hl"][0].accelerator.num_processes == 1 and results["hl"][0].accelerator.is_main_process

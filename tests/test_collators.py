@@ -221,8 +221,6 @@ def test_num_items_in_batch_reaches_compute_loss_from_batch_encoding(tmp_path, c
     assert [call[2] for call in hl_cls.recorded if call[0]] == [call[2] for call in train_calls]  # BatchEncoding
 
 
-@pytest.mark.xfail(strict=True, reason="hf_lightning bug: prediction_step hands compute_loss dict(inputs), where "
-                                       "transformers hands it the collator's BatchEncoding as is")
 def test_evaluation_compute_loss_receives_the_collators_batch(tmp_path):
     # A compute_loss override that reads `inputs.labels` (BatchEncoding attribute access) works in transformers'
     # evaluation and would raise AttributeError in hf_lightning's.
