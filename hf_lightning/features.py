@@ -84,7 +84,7 @@ class EmptyDeviceCache(pl.Callback):
 
     def on_before_backward(self, trainer, pl_module, loss):
         if trainer.global_step % self.every_n_steps == 0:
-            from accelerate.utils import clear_device_cache
+            from accelerate.utils.memory import clear_device_cache
 
             clear_device_cache()
 
