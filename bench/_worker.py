@@ -2,6 +2,10 @@
 
     python bench/_worker.py MODEL FRAMEWORK STEPS SPAWN_TIME [--phases]
 
+FRAMEWORK is raw, hf, hl or hl-baseline. hl-baseline runs the same code as hl; bench/speed.py starts it with an older
+checkout first on PYTHONPATH, so that `import hf_lightning` resolves there. For both, the JSON line records
+`hf_lightning_file` (the `hf_lightning.__file__` that ran), which speed.py checks.
+
 --phases also splits each step into the model's forward, the backward, the gradient clipping, the optimizer step and
 the rest (data loading and everything the framework does around them), by timing those four calls (nested time is
 counted once, in the innermost call): the rest is what a framework adds, without the run-to-run noise of the compute.
@@ -140,7 +144,7 @@ else:
     else:
         from transformers import TrainerCallback
 
-        from hf_lightning import Trainer, TrainingArguments
+        from hf_lightning import Trainer, TrainingArguments  # hl-baseline: from the checkout on PYTHONPATH
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -164,4 +168,6 @@ if PHASES:  # medians over the same steps; "rest" = the step minus the four time
         result[f"{name}_ms"] = 1000 * values[len(values) // 2]
     rest = sorted(d - sum(p.values()) for d, p in zip(deltas, timed_steps))
     result["rest_ms"] = 1000 * rest[len(rest) // 2]
+if "hf_lightning" in sys.modules:
+    result["hf_lightning_file"] = sys.modules["hf_lightning"].__file__
 print(json.dumps(result))

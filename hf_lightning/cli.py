@@ -174,7 +174,7 @@ class HFLightningCLI(LightningCLI):
 def main(argv: list[str] | None = None) -> int:
     """The `hf-lightning` command. It owns its process, so it may set process-wide things a library import must not:
     the objects of the imports go to the collector's permanent generation (the first full collection after them
-    would walk them all again, with the data: ~0.3 s), and the Hub is offline unless the environment says otherwise."""
+    would walk them all again, with the data), and the Hub is offline unless the environment says otherwise."""
     import gc
 
     gc.freeze()

@@ -84,8 +84,8 @@ def tied_weight_keys(model) -> set[str]:
 
 @functools.lru_cache(maxsize=None)
 def optimizer_lookup() -> Callable[[Any, Any], tuple[type, dict]]:
-    """transformers.Trainer.get_optimizer_cls_and_kwargs without importing transformers.trainer (and accelerate, ~0.4 s
-    of start-up) where the release has the lookup in its own module (5.x's `trainer_optimizer`, whose handler table
+    """transformers.Trainer.get_optimizer_cls_and_kwargs without importing transformers.trainer (and accelerate, a
+    visible part of start-up) where the release has the lookup in its own module (5.x's `trainer_optimizer`, whose handler table
     and context are private)."""
     import transformers
 

@@ -28,7 +28,7 @@ from .run import TrainingPlan
 
 
 def is_datasets_dataset(dataset) -> bool:
-    """isinstance(dataset, datasets.Dataset) without importing `datasets` (~0.3 s with pandas and pyarrow): an object
+    """isinstance(dataset, datasets.Dataset) without importing `datasets` (it brings pandas and pyarrow): an object
     of that class exists only once the module is imported."""
     module = sys.modules.get("datasets")
     return module is not None and isinstance(dataset, module.Dataset)

@@ -100,7 +100,7 @@ hf_lightning, so its own level setting at import comes first)."""
     if passive:
         return
     transformers.utils.logging.set_verbosity(level)
-    # `datasets` is imported only when the data is a datasets object (~0.3 s); train() applies the levels again.
+    # `datasets` is imported only when the data is a datasets object; train() applies the levels again.
     if "datasets" in sys.modules:
         sys.modules["datasets"].utils.logging.set_verbosity(level)
 
