@@ -55,7 +55,14 @@ def assert_same_history(hf_history, hl_history, rel=1e-6, abs_=1e-7):
 
 
 def assert_same_weights(model_a, model_b, atol=1e-6):
-    for (name, a), (_, b) in zip(model_a.state_dict().items(), model_b.state_dict().items()):
+    """The same parameter and buffer names, in the same order, then the same values (to atol) and shapes."""
+    state_a, state_b = model_a.state_dict(), model_b.state_dict()
+    assert list(state_a) == list(state_b), (
+        f"different keys: only in the first {sorted(set(state_a) - set(state_b))[:5]}, only in the second "
+        f"{sorted(set(state_b) - set(state_a))[:5]}" if set(state_a) != set(state_b) else "same keys, another order")
+    for name, a in state_a.items():
+        b = state_b[name]
+        assert a.shape == b.shape, f"{name}: shape {tuple(a.shape)} != {tuple(b.shape)}"
         assert torch.allclose(a, b, atol=atol), f"{name}: max diff {(a - b).abs().max().item()}"
 
 

@@ -449,3 +449,19 @@ def test_every_micro_batch_runs_in_training_mode(tmp_path):
     model.classifier = Counting(model.classifier.in_features, model.classifier.out_features)
     hf_lightning.Trainer(model, args=args, train_dataset=classification_dataset(24)).train()
     assert Counting.calls >= 6  # once per micro-batch (plus Lightning's own calls)
+
+
+def test_assert_same_weights_checks_names_before_values():
+    def layers(*names, seed=0):
+        torch.manual_seed(seed)
+        return nn.ModuleDict({name: nn.Linear(2, 2) for name in names})
+
+    assert_same_weights(layers("a", "b"), layers("a", "b"))
+    with pytest.raises(AssertionError, match=r"only in the first \[\], only in the second \['b.bias', 'b.weight'\]"):
+        assert_same_weights(layers("a"), layers("a", "b"))  # zip() alone would compare "a" and pass
+    with pytest.raises(AssertionError, match="only in the first"):
+        assert_same_weights(layers("a"), layers("z"))  # same values under other names
+    with pytest.raises(AssertionError, match="another order"):
+        assert_same_weights(layers("a", "b"), layers("b", "a"))
+    with pytest.raises(AssertionError, match="max diff"):
+        assert_same_weights(layers("a"), layers("a", seed=1))
