@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import re
 
+import pytest
 import torch
 import transformers
 
@@ -80,6 +83,17 @@ def assert_same_run(results, rel=1e-6, atol=1e-6):
 
 
 def pytest_approx(d, rel, atol):
-    import pytest
-
     return pytest.approx(d, rel=rel, abs=atol)
+
+
+@contextlib.contextmanager
+def transformers_bug(error: type[BaseException], match: str, reason: str):
+    """Around the transformers half of a test: that known transformers failure (`error` whose message matches)
+    makes the test an expected failure (pytest.xfail, not strict), so it never fails the suite; any other error
+    fails it, and once transformers is fixed the test runs on to its real assertions."""
+    try:
+        yield
+    except error as err:
+        if not re.search(match, str(err)):
+            raise
+        pytest.xfail(f"{reason} ({type(err).__name__}: {err})")

@@ -12,7 +12,7 @@ import transformers
 from transformers import TrainerCallback
 
 import hf_lightning
-from differential import assert_same_history, run_pair
+from differential import assert_same_history, run_pair, transformers_bug
 from helpers import accuracy, classification_dataset, tiny_bert
 
 EVENTS = [
@@ -91,16 +91,30 @@ def _args(tmp_path, **kw):
     return hf_lightning.TrainingArguments(str(tmp_path), **base)
 
 
-def test_guide_callback_example_works_where_transformers_fails(tmp_path):
-    data = classification_dataset(40)
-    with pytest.raises(TypeError, match="callback"):  # transformers 5.24: unexpected keyword `callback`
-        transformers.Trainer(tiny_bert(), args=transformers.TrainingArguments(str(tmp_path / "hf")),
-                             train_dataset=data, callback=[GuideEarlyStoppingCallback()])
-    hf = transformers.Trainer(tiny_bert(), args=transformers.TrainingArguments(
-        str(tmp_path / "hf"), per_device_train_batch_size=2, report_to="none", save_strategy="no", use_cpu=True),
-        train_dataset=data, callbacks=[GuideEarlyStoppingCallback()])
-    with pytest.raises(AttributeError):  # ... and it cannot take the dict the callback returns
+def _hf_args(tmp_path):
+    return transformers.TrainingArguments(str(tmp_path), per_device_train_batch_size=2, report_to="none",
+                                          save_strategy="no", use_cpu=True, disable_tqdm=True)
+
+
+def test_guide_callback_keyword_on_transformers(tmp_path):
+    with transformers_bug(TypeError, "unexpected keyword argument 'callback'", "transformers 5.24's Trainer has no "
+                          "`callback=` keyword, which the guide's early-stopping example passes"):
+        hf = transformers.Trainer(tiny_bert(), args=_hf_args(tmp_path), train_dataset=classification_dataset(40),
+                                  callback=[GuideEarlyStoppingCallback()])
+    assert any(isinstance(cb, GuideEarlyStoppingCallback) for cb in hf.callback_handler.callbacks)
+
+
+def test_guide_callback_returning_a_dict_on_transformers(tmp_path):
+    hf = transformers.Trainer(tiny_bert(), args=_hf_args(tmp_path), train_dataset=classification_dataset(40),
+                              callbacks=[GuideEarlyStoppingCallback()])
+    with transformers_bug(AttributeError, "'dict' object has no attribute", "transformers 5.24 cannot take the "
+                          "dict {'should_training_stop': True} that the guide's callback returns from on_step_end"):
         hf.train()
+    assert hf.state.global_step == 10
+
+
+def test_guide_callback_example_works(tmp_path):
+    data = classification_dataset(40)
     trainer = hf_lightning.Trainer(tiny_bert(), args=_args(tmp_path, num_train_epochs=3, eval_strategy="steps",
                                                            eval_steps=15),
                                    train_dataset=data, eval_dataset=classification_dataset(4),
@@ -219,6 +233,7 @@ def test_lightning_callbacks_in_the_same_list(tmp_path):
 
 
 def test_report_to_tensorboard_writes_events(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard not installed (pip install 'hf-lightning[loggers]')")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     trainer = hf_lightning.Trainer(tiny_bert(), args=_args(tmp_path, max_steps=4, logging_steps=1,
