@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import safetensors.torch
@@ -151,6 +152,25 @@ def test_sigkill_then_resume_is_bitwise_exact(job, uninterrupted, tmp_path, poin
     assert_complete(out / f"checkpoint-{resumed_from}", reference)
     assert_bitwise(final_weights(out), final_weights(reference))
     assert sorted(os.listdir(out)) == sorted(os.listdir(reference))  # every checkpoint, no tmp-* folder left
+
+
+def test_checkpoint_moved_aside_resolves_the_same_on_every_rank(uninterrupted, tmp_path):
+    # What a kill between the two renames of an overwrite leaves (aside@4 above): the old checkpoint-4 under its
+    # aside name, the new one complete but not renamed in.
+    from hf_lightning.checkpoint import resolve_resume_path
+
+    reference, out = uninterrupted / "hl", tmp_path / "run"
+    shutil.copytree(reference / "checkpoint-2", out / "checkpoint-2")
+    shutil.copytree(reference / "checkpoint-4", out / "tmp-old-checkpoint-4")
+    shutil.copytree(reference / "checkpoint-4", out / "tmp-checkpoint-4")
+    left = sorted(os.listdir(out))
+    other_rank = SimpleNamespace(output_dir=str(out), should_save=False)
+    assert resolve_resume_path(other_rank, True) == str(out / "checkpoint-4")
+    assert sorted(os.listdir(out)) == left  # only the process that saves changes output_dir
+    saving_rank = SimpleNamespace(output_dir=str(out), should_save=True)
+    assert resolve_resume_path(saving_rank, True) == str(out / "checkpoint-4")
+    assert sorted(os.listdir(out)) == ["checkpoint-2", "checkpoint-4"]
+    assert_complete(out / "checkpoint-4", reference)
 
 
 def test_transformers_resumes_our_folder_and_we_resume_its(job, uninterrupted, tmp_path):
