@@ -51,7 +51,9 @@ def resolve_resume_path(args, resume_from_checkpoint) -> str | None:
     if resume_from_checkpoint is None or resume_from_checkpoint is False:
         return None
     if resume_from_checkpoint is True:
-        path = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        if args.should_save:
+            _clean_interrupted_saves(args.output_dir)
+        path = _last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
         if path is None:
             raise ValueError(
                 f"resume_from_checkpoint=True but no checkpoint-N folder was found in output_dir={args.output_dir!r}."
@@ -118,7 +120,7 @@ def save_checkpoint(hooks: TrainerHooks, run: RunState, lightning_trainer) -> st
     tmp_dir = os.path.join(args.output_dir, f"tmp-{name}")
     strategy = lightning_trainer.strategy
     if args.should_save:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        _clean_interrupted_saves(args.output_dir)  # tmp-checkpoint-* of killed saves, this step's included
     strategy.barrier("hf_lightning.save_checkpoint.start")
     run.store_flos(strategy)
     save_model_folder(hooks, tmp_dir)
@@ -144,9 +146,7 @@ def save_checkpoint(hooks: TrainerHooks, run: RunState, lightning_trainer) -> st
         lightning_trainer.save_checkpoint(os.path.join(tmp_dir, LIGHTNING_CKPT_NAME))
     strategy.barrier("hf_lightning.save_checkpoint.written")  # every rank's files are in before the rename
     if args.should_save:
-        if os.path.isdir(final_dir):
-            shutil.rmtree(final_dir)
-        os.replace(tmp_dir, final_dir)
+        _replace_dir_atomically(tmp_dir, final_dir)
         rotate_checkpoints(args.output_dir, args.save_total_limit, state.best_model_checkpoint)
     return final_dir
 
@@ -429,3 +429,69 @@ def model_from_lightning_checkpoint(path: str):
     _load_state_dict_checked(model, weights, path)
     return model
 
+
+# ---------------------------------------------------------------------- crash-safe folder replacement
+
+
+_INTERRUPTED_SAVE = re.compile(rf"tmp-(old-)?({PREFIX_CHECKPOINT_DIR}-\d+)")  # names get_last_checkpoint ignores
+
+
+def _replace_dir_atomically(tmp_dir: str, final_dir: str) -> None:
+    """Put the complete tmp_dir in place as final_dir, its files and folder flushed to disk before the rename.
+
+    An existing final_dir (a step saved again) is renamed aside to tmp-old-<name> and deleted only once the new one
+    is in place, so a kill at any point leaves a complete final_dir or, between the two renames, the old one aside,
+    which `_last_checkpoint` counts and `_clean_interrupted_saves` puts back."""
+    for root, _, files in os.walk(tmp_dir):
+        for name in files:
+            _fsync(os.path.join(root, name))
+        _fsync(root, directory=True)
+    parent, name = os.path.split(final_dir)
+    old_dir = os.path.join(parent, f"tmp-old-{name}")
+    replacing = os.path.isdir(final_dir)
+    if replacing:
+        os.replace(final_dir, old_dir)
+    os.replace(tmp_dir, final_dir)
+    _fsync(parent, directory=True)
+    if replacing:
+        shutil.rmtree(old_dir)
+
+
+def _fsync(path: str, directory: bool = False) -> None:
+    if directory and os.name != "posix":  # only POSIX can open and flush a directory
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _clean_interrupted_saves(output_dir: str) -> None:
+    """Tidy what killed saves left in output_dir (called by the saving process only): a tmp-checkpoint-N being
+    written is deleted; a checkpoint-N moved aside to tmp-old-checkpoint-N is put back if no new checkpoint-N took
+    its place, and deleted otherwise."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in os.listdir(output_dir):
+        match = _INTERRUPTED_SAVE.fullmatch(name)
+        path = os.path.join(output_dir, name)
+        if match is None or not os.path.isdir(path):
+            continue
+        final_dir = os.path.join(output_dir, match[2])
+        if match[1] and not os.path.isdir(final_dir):
+            os.replace(path, final_dir)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _last_checkpoint(output_dir: str) -> str | None:
+    """get_last_checkpoint, also counting a checkpoint-N left under tmp-old-checkpoint-N by a kill between the two
+    renames of `_replace_dir_atomically`: every rank then resolves the same checkpoint-N, which the saving process
+    has put back (in `_clean_interrupted_saves`) before any rank reads it after the processes' rendezvous."""
+    found = [path] if (path := get_last_checkpoint(output_dir)) else []
+    for name in os.listdir(output_dir):
+        match = _INTERRUPTED_SAVE.fullmatch(name)
+        if match and match[1] and os.path.isdir(os.path.join(output_dir, name)):
+            found.append(os.path.join(output_dir, match[2]))
+    return max(found, key=lambda folder: int(folder.rsplit("-", 1)[1]), default=None)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import re
 
+import pytest
 import torch
 import transformers
 
@@ -55,7 +58,14 @@ def assert_same_history(hf_history, hl_history, rel=1e-6, abs_=1e-7):
 
 
 def assert_same_weights(model_a, model_b, atol=1e-6):
-    for (name, a), (_, b) in zip(model_a.state_dict().items(), model_b.state_dict().items()):
+    """The same parameter and buffer names, in the same order, then the same values (to atol) and shapes."""
+    state_a, state_b = model_a.state_dict(), model_b.state_dict()
+    assert list(state_a) == list(state_b), (
+        f"different keys: only in the first {sorted(set(state_a) - set(state_b))[:5]}, only in the second "
+        f"{sorted(set(state_b) - set(state_a))[:5]}" if set(state_a) != set(state_b) else "same keys, another order")
+    for name, a in state_a.items():
+        b = state_b[name]
+        assert a.shape == b.shape, f"{name}: shape {tuple(a.shape)} != {tuple(b.shape)}"
         assert torch.allclose(a, b, atol=atol), f"{name}: max diff {(a - b).abs().max().item()}"
 
 
@@ -73,6 +83,17 @@ def assert_same_run(results, rel=1e-6, atol=1e-6):
 
 
 def pytest_approx(d, rel, atol):
-    import pytest
-
     return pytest.approx(d, rel=rel, abs=atol)
+
+
+@contextlib.contextmanager
+def transformers_bug(error: type[BaseException], match: str, reason: str):
+    """Around the transformers half of a test: that known transformers failure (`error` whose message matches)
+    makes the test an expected failure (pytest.xfail, not strict), so it never fails the suite; any other error
+    fails it, and once transformers is fixed the test runs on to its real assertions."""
+    try:
+        yield
+    except error as err:
+        if not re.search(match, str(err)):
+            raise
+        pytest.xfail(f"{reason} ({type(err).__name__}: {err})")

