@@ -1,20 +1,19 @@
 """Speed and memory: a raw PyTorch loop, transformers.Trainer and hf_lightning.Trainer on the same models, interleaved.
 
 Each run is a fresh subprocess (so time-to-first-step includes the imports, and peak RSS is per run); rounds
-interleave the three frameworks so that machine noise hits them alike. Prints a Markdown table of medians and ratios.
+interleave the frameworks so that machine noise hits them alike. Prints a Markdown table of medians and ratios.
 
 On CPU a step of these models is dominated by memory traffic, and glibc's malloc decides per process how much freed
-memory it hands back to the kernel: a run that happens to trim its heap re-faults its activations every step (one
-run: 1,200 minor page faults per step, another: 3,400, +10% step time, with the same code). `--malloc steady` fixes
-malloc's mmap and trim thresholds for all three frameworks alike (0-10 faults per step), which isolates what the
-frameworks add; `--malloc default` is what a user gets out of the box; `both` (the default) reports the two.
+memory it hands back to the kernel: a run that happens to trim its heap re-faults its activations every step, with
+the same code. `--malloc steady` fixes malloc's mmap and trim thresholds for every framework alike, which isolates
+what the frameworks add; `--malloc default` is what a user gets out of the box; `both` (the default) reports the two.
 
-Each process also lands in a fast or a slow memory placement (the same code, a few percent apart, for every framework
-alike); "fastest run" compares the frameworks' best runs, which share the fast placement.
+Each process also lands in a fast or a slow memory placement (the same code, for every framework alike); "fastest
+run" compares the frameworks' best runs, which share the fast placement.
 
 `--phases` adds a table that splits the step into the model's forward, backward, clipping, optimizer step and the
 rest (see _worker.py): the rest is the framework's own per-step cost, which the step time alone hides in the
-process-to-process noise of the compute (a few percent here).
+process-to-process noise of the compute.
 
 `--baseline PATH` adds a fourth framework, "hl-baseline": the same hf_lightning worker, with PATH (a checkout of an
 older hf_lightning, e.g. `git worktree add /tmp/hl-before <commit>`) first on PYTHONPATH, so that `import
@@ -73,7 +72,8 @@ def check_origin(framework: str, module_file: str | None, baseline: str | None) 
 
 def preflight(baseline: str | None) -> None:
     """Imports hf_lightning once per checkout, as the worker will (same sys.path: the script's folder first): checks
-    where it resolves before any timing, and compiles the baseline's bytecode outside the timed runs."""
+    where it resolves before any timing, and writes the baseline's bytecode (unless PYTHONDONTWRITEBYTECODE) outside
+    the timed runs."""
     for framework, path in [("hl", None)] + ([("hl-baseline", baseline)] if baseline else []):
         out = subprocess.run([sys.executable, "-c", "import hf_lightning; print(hf_lightning.__file__)"],
                              capture_output=True, text=True, env=environment("default", path), cwd=BENCH)
@@ -142,8 +142,8 @@ def main() -> None:
     for key in keys:
         med = {f: {k: statistics.median(r[k] for r in results[(key, f)]) for k in results[(key, f)][0]}
                for f in frameworks}
-        # A process lands in a fast or a slow memory placement (BERT here: ~19.5-20.5 vs ~21.5-22.5 ms, for every
-        # framework alike); the fastest run compares the frameworks in the same placement.
+        # A process lands in a fast or a slow memory placement, for every framework alike (bench/README.md); the
+        # fastest run compares the frameworks in the same placement.
         best = {f: min(r["median_step_ms"] for r in results[(key, f)]) for f in frameworks}
         for f in frameworks:
             m, hf, raw = med[f], med["hf"], med["raw"]

@@ -25,7 +25,7 @@ def _mlflow(args, save_dir, name):
     from lightning.pytorch.loggers import MLFlowLogger
 
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if tracking_uri is None and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("1", "true"):
+    if not _mlflow_store_chosen():
         # MLflow 3 refuses its file store unless opted in; the choice of a store is the user's, not a library's.
         raise ValueError(
             "report_to='mlflow' needs a tracking store: set MLFLOW_TRACKING_URI (a server or a database), or "
@@ -36,6 +36,10 @@ def _mlflow(args, save_dir, name):
         run_name=name,
         tracking_uri=tracking_uri or f"file:{os.path.join(save_dir, 'mlruns')}",
     )
+
+
+def _mlflow_store_chosen() -> bool:
+    return "MLFLOW_TRACKING_URI" in os.environ or os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true")
 
 
 def _wandb(args, save_dir, name):

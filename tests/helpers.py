@@ -6,6 +6,7 @@ import datasets
 import numpy as np
 import torch
 import transformers
+from transformers import TrainerCallback
 
 VOCAB = 64
 
@@ -55,3 +56,31 @@ def lm_dataset(n: int = 24, seed: int = 0, ragged: bool = True) -> datasets.Data
 def accuracy(eval_pred):
     logits, labels = eval_pred
     return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
+
+
+EVENTS = [
+    "on_init_end", "on_train_begin", "on_train_end", "on_epoch_begin", "on_epoch_end", "on_step_begin",
+    "on_pre_optimizer_step", "on_optimizer_step", "on_substep_end", "on_step_end", "on_evaluate", "on_predict",
+    "on_save", "on_log", "on_prediction_step", "on_push_begin",
+]
+
+
+class Recorder(TrainerCallback):
+    """Records (event, global_step) and checks the references callbacks receive."""
+
+    def __init__(self):
+        self.events = []
+        self.bad_refs = []
+
+    def _record(self, event, args, state, control, **kwargs):
+        self.events.append((event, state.global_step))
+        if event in ("on_train_begin", "on_step_end", "on_pre_optimizer_step"):
+            for ref in ("model", "optimizer", "lr_scheduler", "train_dataloader"):
+                if kwargs.get(ref) is None:
+                    self.bad_refs.append((event, ref))
+        if event in ("on_evaluate", "on_prediction_step") and kwargs.get("eval_dataloader") is None:
+            self.bad_refs.append((event, "eval_dataloader"))
+
+
+for _event in EVENTS:
+    setattr(Recorder, _event, lambda self, args, state, control, _e=_event, **kw: self._record(_e, args, state, control, **kw))

@@ -10,6 +10,8 @@ SCRIPT = r"""
 import gc, json, os, sys, warnings
 gc.disable() if sys.argv[1] == "gc-off" else None
 import torch
+import accelerate, lightning.pytorch, transformers  # dependencies: their imports set a variable (lightning.fabric)
+# and a warnings filter (accelerate.scheduler) of their own
 environ, filters, tensor_cuda = dict(os.environ), list(warnings.filters), torch.Tensor.cuda
 import hf_lightning
 report = {"gc_enabled_after_import": gc.isenabled(), "frozen_after_import": gc.get_freeze_count(),

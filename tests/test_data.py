@@ -15,6 +15,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import IterableDataset
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
@@ -27,8 +28,8 @@ from transformers import (
 )
 
 import hf_lightning
-from differential import assert_same_run, run_pair
-from helpers import VOCAB, accuracy, tiny_bert, tiny_llama
+from differential import assert_same_run, run_pair, transformers_bug
+from helpers import VOCAB, accuracy, classification_dataset, tiny_bert, tiny_llama
 
 WORDS = [f"w{i}" for i in range(2, VOCAB)]
 
@@ -155,7 +156,7 @@ def test_real_collator_trains_like_transformers(tmp_path, case):
         logging_steps=1, learning_rate=1e-2, seed=7, **extra,
     )
     assert_same_run(results)
-    hf, hl = results["hf"][0], results["hl"][0]
+    _, hl = results["hf"][0], results["hl"][0]
     steps_per_epoch = -(-8 // ga)  # ceil: the short last window is a step of its own
     assert hl.state.global_step == epochs * steps_per_epoch
     train_logs = [entry for entry in hl.state.log_history if "loss" in entry]
@@ -231,3 +232,66 @@ def test_evaluation_compute_loss_receives_the_collators_batch(tmp_path):
              per_device_eval_batch_size=2)
     assert [call[2] for call in hf_cls.recorded] == ["BatchEncoding"] * 3
     assert hl_cls.recorded == hf_cls.recorded
+
+
+# ---------------------------------------------------------------------- streams and loader options
+
+
+STREAM_ARGS = dict(per_device_train_batch_size=4, max_steps=50, logging_steps=1, report_to="none", save_strategy="no",
+                   use_cpu=True)
+
+
+class Stream(IterableDataset):
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __iter__(self):
+        yield from self.rows
+
+
+def test_iterable_dataset_with_max_steps(tmp_path):
+    rows = list(classification_dataset(40, extra_column=False))
+    results = run_pair(
+        tmp_path, tiny_bert, Stream(rows), None, per_device_train_batch_size=4, max_steps=5, logging_steps=1,
+        gradient_accumulation_steps=2,
+    )
+    assert_same_run(results)
+
+
+def test_dataloader_options(tmp_path):
+    results = run_pair(
+        tmp_path, tiny_bert, classification_dataset(15), None, per_device_train_batch_size=4, num_train_epochs=2,
+        dataloader_drop_last=True, dataloader_num_workers=1, logging_steps=1, train_sampling_strategy="sequential",
+    )
+    assert_same_run(results)
+    assert results["hl"][0].state.global_step == 6
+
+
+class OneShotStream(IterableDataset):
+    """A stream that can be read once (e.g. a network source): the second epoch is empty."""
+
+    def __init__(self, rows):
+        self.rows = iter(rows)
+
+    def __iter__(self):
+        yield from self.rows
+
+
+def test_stream_that_runs_dry_stops_the_run_on_transformers(tmp_path):
+    rows = list(classification_dataset(12, extra_column=False))
+    trainer = transformers.Trainer(tiny_bert(), args=transformers.TrainingArguments(str(tmp_path), **STREAM_ARGS),
+                                   train_dataset=OneShotStream(rows))
+    with transformers_bug(ValueError, "does not contain any data", "transformers 5.24 fails on the empty second "
+                          "epoch of a stream that runs dry (accelerate: 'Batch does not contain any data')"):
+        output = trainer.train()
+    assert output.global_step == 3
+    assert [e["step"] for e in trainer.state.log_history if "loss" in e] == [1, 2, 3]
+
+
+def test_stream_that_runs_dry_stops_the_run(tmp_path):
+    rows = list(classification_dataset(12, extra_column=False))
+    trainer = hf_lightning.Trainer(tiny_bert(), args=hf_lightning.TrainingArguments(str(tmp_path), **STREAM_ARGS),
+                                   train_dataset=OneShotStream(rows))
+    output = trainer.train()
+    assert output.global_step == trainer.lightning_trainer.global_step == 3
+    assert [e["step"] for e in trainer.state.log_history if "loss" in e] == [1, 2, 3]

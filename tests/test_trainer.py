@@ -7,7 +7,6 @@ import pytest
 import torch
 import transformers
 from torch import nn
-from torch.utils.data import IterableDataset
 
 import hf_lightning
 from differential import (assert_same_history, assert_same_run, assert_same_weights, run_pair, stable,
@@ -142,32 +141,6 @@ def test_eval_on_start(tmp_path):
     assert results["hl"][0].state.log_history[0]["step"] == 0
 
 
-class Stream(IterableDataset):
-    def __init__(self, rows):
-        self.rows = rows
-
-    def __iter__(self):
-        yield from self.rows
-
-
-def test_iterable_dataset_with_max_steps(tmp_path):
-    rows = list(classification_dataset(40, extra_column=False))
-    results = run_pair(
-        tmp_path, tiny_bert, Stream(rows), None, per_device_train_batch_size=4, max_steps=5, logging_steps=1,
-        gradient_accumulation_steps=2,
-    )
-    assert_same_run(results)
-
-
-def test_dataloader_options(tmp_path):
-    results = run_pair(
-        tmp_path, tiny_bert, classification_dataset(15), None, per_device_train_batch_size=4, num_train_epochs=2,
-        dataloader_drop_last=True, dataloader_num_workers=1, logging_steps=1, train_sampling_strategy="sequential",
-    )
-    assert_same_run(results)
-    assert results["hl"][0].state.global_step == 6
-
-
 def test_bf16_on_cpu(tmp_path):
     results = run_pair(
         tmp_path, tiny_llama, lm_dataset(12), None, per_device_train_batch_size=4, num_train_epochs=1,
@@ -184,41 +157,6 @@ def test_label_smoothing_and_label_names(tmp_path):
         label_names=["labels"], eval_strategy="epoch",
     )
     assert_same_run(results)
-
-
-def test_nan_losses_are_filtered_like_transformers(tmp_path):
-    def nan_on_some_batches(outputs, labels, num_items_in_batch=None):
-        loss = nn.functional.cross_entropy(outputs.logits, labels)
-        if int(labels.sum()) % 2 == 1:  # a NaN value whose gradient stays finite
-            loss = loss + (torch.tensor(float("nan")) - loss.detach())
-        return loss
-
-    results = run_pair(
-        tmp_path, tiny_bert, classification_dataset(16), None,
-        trainer_kwargs={"compute_loss_func": nan_on_some_batches},
-        per_device_train_batch_size=2, max_steps=8, logging_steps=3, max_grad_norm=0.0,
-    )
-    assert_same_run(results)
-    losses = [e["loss"] for e in results["hl"][0].state.log_history if "loss" in e]
-    assert losses and all(np.isfinite(losses))
-
-
-def test_nan_filter_reads_the_value_on_cpu_and_stays_on_the_device_elsewhere():
-    from hf_lightning.flow import add_filtered_loss
-
-    losses = [1.0, float("nan"), 2.0, float("inf"), 0.5]
-    totals = {}
-    for read_value in (True, False):  # False: the accelerator path (no host sync), run here on CPU tensors
-        total = torch.zeros(())
-        for step, value in enumerate(losses):
-            add_filtered_loss(total, torch.tensor(value), step + 1, read_value=read_value)
-        totals[read_value] = total.item()
-    expected = 1.0  # transformers: a non-finite step adds the mean so far (tr_loss / (1 + steps since the last log))
-    expected += expected / 2
-    expected += 2.0
-    expected += expected / 4
-    expected += 0.5
-    assert totals[True] == totals[False] == pytest.approx(expected)
 
 
 def test_compute_loss_func_receives_what_transformers_passes(tmp_path):
@@ -385,40 +323,6 @@ def test_tokenizer_keyword_and_public_objects(tmp_path):
     hf_lightning.Trainer(tiny_bert(), args=plain, train_dataset=data).train()
 
 
-class OneShotStream(IterableDataset):
-    """A stream that can be read once (e.g. a network source): the second epoch is empty."""
-
-    def __init__(self, rows):
-        self.rows = iter(rows)
-
-    def __iter__(self):
-        yield from self.rows
-
-
-STREAM_ARGS = dict(per_device_train_batch_size=4, max_steps=50, logging_steps=1, report_to="none", save_strategy="no",
-                   use_cpu=True)
-
-
-def test_stream_that_runs_dry_stops_the_run_on_transformers(tmp_path):
-    rows = list(classification_dataset(12, extra_column=False))
-    trainer = transformers.Trainer(tiny_bert(), args=transformers.TrainingArguments(str(tmp_path), **STREAM_ARGS),
-                                   train_dataset=OneShotStream(rows))
-    with transformers_bug(ValueError, "does not contain any data", "transformers 5.24 fails on the empty second "
-                          "epoch of a stream that runs dry (accelerate: 'Batch does not contain any data')"):
-        output = trainer.train()
-    assert output.global_step == 3
-    assert [e["step"] for e in trainer.state.log_history if "loss" in e] == [1, 2, 3]
-
-
-def test_stream_that_runs_dry_stops_the_run(tmp_path):
-    rows = list(classification_dataset(12, extra_column=False))
-    trainer = hf_lightning.Trainer(tiny_bert(), args=hf_lightning.TrainingArguments(str(tmp_path), **STREAM_ARGS),
-                                   train_dataset=OneShotStream(rows))
-    output = trainer.train()
-    assert output.global_step == trainer.lightning_trainer.global_step == 3
-    assert [e["step"] for e in trainer.state.log_history if "loss" in e] == [1, 2, 3]
-
-
 def test_second_train_call_gets_a_fresh_schedule(tmp_path):
     def twice(trainer):
         trainer.train()
@@ -437,39 +341,6 @@ def test_activation_checkpointing_options(tmp_path):
     )
     assert_same_run(results)
     assert results["hl"][2].is_gradient_checkpointing
-
-
-def test_every_micro_batch_runs_in_training_mode(tmp_path):
-    # transformers calls model.train() before each micro-batch; hf_lightning skips the call only when it changes
-    # nothing. A callback that switches a submodule to eval, and a module that overrides train(), must both be seen.
-    class Counting(nn.Linear):
-        calls = 0
-
-        def train(self, mode=True):
-            Counting.calls += 1
-            return super().train(mode)
-
-    class EvalEncoder(transformers.TrainerCallback):
-        def on_step_begin(self, args, state, control, model=None, **kwargs):
-            if state.global_step % 2 == 0:
-                model.bert.encoder.eval()
-            else:  # alone, a leaf deep in the tree
-                model.bert.encoder.layer[-1].output.dropout.eval()
-
-    model = tiny_bert(dropout=0.1)
-    seen = []
-    model.bert.encoder.register_forward_pre_hook(lambda module, inputs: seen.append(module.training))
-    model.bert.encoder.layer[-1].output.dropout.register_forward_pre_hook(
-        lambda module, inputs: seen.append(module.training))
-    args = hf_lightning.TrainingArguments(tmp_path, max_steps=3, gradient_accumulation_steps=2, report_to="none",
-                                          save_strategy="no", use_cpu=True, per_device_train_batch_size=4)
-    hf_lightning.Trainer(model, args=args, train_dataset=classification_dataset(24), callbacks=[EvalEncoder()]).train()
-    assert seen == [True] * 12
-
-    model = tiny_bert()
-    model.classifier = Counting(model.classifier.in_features, model.classifier.out_features)
-    hf_lightning.Trainer(model, args=args, train_dataset=classification_dataset(24)).train()
-    assert Counting.calls >= 6  # once per micro-batch (plus Lightning's own calls)
 
 
 def test_assert_same_weights_checks_names_before_values():
