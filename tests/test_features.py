@@ -1,7 +1,7 @@
 """features.py: the TrainingArguments switches that are a Lightning callback each, chosen from the field table.
 
 NEFTune is pinned in test_optimizers.py (noise only while training, hook removed after, also after an exception) and
-activation checkpointing by a differential test in test_core.py; here: which switch gives which callback, and that
+activation checkpointing by a differential test in test_trainer.py; here: which switch gives which callback, and that
 the cache emptying runs on transformers' steps inside a real run.
 """
 
