@@ -95,17 +95,17 @@ def test_report_to_wandb_offline(tmp_path, monkeypatch):
                                    train_dataset=classification_dataset(8))
     trainer.train()
     assert [type(lg).__name__ for lg in trainer.lightning_trainer.loggers] == ["WandbLogger"]
-    # wandb ran offline (no network) and wrote the metrics into its local run file.
-    runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
-    assert len(runs) == 1
+    # wandb ran offline (no network) and wrote the metrics into its local run file, which its service process writes
+    # asynchronously, even after finish(): wait for it.
+    import time
+
     import wandb
 
     wandb.finish()
-    import time
-
-    deadline = time.time() + 30  # wandb's service process writes the run file asynchronously, even after finish()
-    content = b""
+    deadline, runs, content = time.time() + 60, [], b""
     while time.time() < deadline and not (b"grad_norm" in content and b"learning_rate" in content):
         time.sleep(0.5)
-        content = open(runs[0], "rb").read()
+        runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+        content = open(runs[0], "rb").read() if len(runs) == 1 else b""
+    assert len(runs) == 1
     assert b"grad_norm" in content and b"learning_rate" in content
