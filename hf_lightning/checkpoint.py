@@ -12,6 +12,7 @@ does, the RNG states; nothing is unpickled beyond tensors and the RNG allow-list
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -26,13 +27,19 @@ import safetensors.torch
 import torch
 from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_pt_utils import safe_globals
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints, sort_checkpoints
+from transformers.trainer_utils import (
+    PREFIX_CHECKPOINT_DIR,
+    compare_trainer_and_checkpoint_args,
+    get_last_checkpoint,
+    rotate_checkpoints,
+    sort_checkpoints,
+)
 
 from . import compat
 from .optimizers import OptimizerQuirks, optimizer_state_globals
 from .run import RunState, TrainerHooks, TrainingPlan
 
-logger = logging.getLogger("hf_lightning")
+hf_logger = logging.getLogger("transformers.trainer")  # where transformers logs these lines (users' config sees them)
 
 TRAINER_STATE_NAME = "trainer_state.json"
 OPTIMIZER_NAME = "optimizer.pt"
@@ -76,8 +83,9 @@ def sorted_checkpoints(output_dir: str) -> list[str]:
 # ---------------------------------------------------------------------- saving
 
 
-def save_model_folder(hooks: TrainerHooks, output_dir: str) -> None:
-    """save_pretrained (or safetensors for a plain nn.Module), the processing class and training_args.bin.
+def save_model_folder(hooks: TrainerHooks, output_dir: str, final_dir: str | None = None) -> None:
+    """save_pretrained (or safetensors for a plain nn.Module), the processing class and training_args.bin;
+    announced as transformers does, naming `final_dir` (the folder `output_dir` becomes) when given.
 
     A schedule-free optimizer is switched to eval() mode first, so that the saved weights are the averaged ones a
     user deploys (transformers 5.24 saves the training iterate); the next training step switches it back."""
@@ -85,16 +93,52 @@ def save_model_folder(hooks: TrainerHooks, output_dir: str) -> None:
         return
     OptimizerQuirks(hooks.optimizer).eval()
     os.makedirs(output_dir, exist_ok=True)
+    hf_logger.info(f"Saving model checkpoint to {final_dir or output_dir}")
     model = hooks.model
-    if hasattr(model, "save_pretrained"):
-        model.save_pretrained(output_dir)
-    else:
-        safetensors.torch.save_file(
-            {k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(output_dir, "model.safetensors")
-        )
-    if hooks.processing_class is not None and hasattr(hooks.processing_class, "save_pretrained"):
-        hooks.processing_class.save_pretrained(output_dir)
+    with _paths_logged_as(output_dir, final_dir):
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(output_dir)
+        else:
+            safetensors.torch.save_file(
+                {k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(output_dir, "model.safetensors")
+            )
+        if hooks.processing_class is not None and hasattr(hooks.processing_class, "save_pretrained"):
+            hooks.processing_class.save_pretrained(output_dir)
     torch.save(hooks.args, os.path.join(output_dir, TRAINING_ARGS_NAME))  # for transformers' tools; never loaded here
+
+
+class _RenamePath(logging.Filter):
+    def __init__(self, old: str, new: str):
+        super().__init__()
+        self.old, self.new = old, new
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and self.old in record.msg:
+            record.msg = record.msg.replace(self.old, self.new)
+        if isinstance(record.args, tuple):
+            record.args = tuple(a.replace(self.old, self.new) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+@contextlib.contextmanager
+def _paths_logged_as(tmp_dir: str, final_dir: str | None):
+    """transformers' save_pretrained lines ("Configuration saved in ...") name the folder the user will find, not
+    the temporary one it is renamed from; for this block only, on transformers' loggers only."""
+    if final_dir is None:
+        yield
+        return
+    rename = _RenamePath(tmp_dir, final_dir)
+    loggers = [
+        logger for name, logger in list(logging.root.manager.loggerDict.items())
+        if (name == "transformers" or name.startswith("transformers.")) and isinstance(logger, logging.Logger)
+    ]
+    for logger in loggers:
+        logger.addFilter(rename)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(rename)
 
 
 def rng_state() -> dict:
@@ -123,7 +167,7 @@ def save_checkpoint(hooks: TrainerHooks, run: RunState, lightning_trainer) -> st
         _clean_interrupted_saves(args.output_dir)  # tmp-checkpoint-* of killed saves, this step's included
     strategy.barrier("hf_lightning.save_checkpoint.start")
     run.store_flos(strategy)
-    save_model_folder(hooks, tmp_dir)
+    save_model_folder(hooks, tmp_dir, final_dir)
     if state.best_global_step and args.save_strategy in ("steps", "epoch", "best"):
         best_dir = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.best_global_step}")
         # As transformers: only a folder that exists (this one, being written, or an earlier one).
@@ -143,7 +187,8 @@ def save_checkpoint(hooks: TrainerHooks, run: RunState, lightning_trainer) -> st
         _refresh_stateful_callbacks(run)
         state.save_to_json(os.path.join(tmp_dir, TRAINER_STATE_NAME))
     if getattr(args, "save_lightning_checkpoint", True) and not args.save_only_model:
-        lightning_trainer.save_checkpoint(os.path.join(tmp_dir, LIGHTNING_CKPT_NAME))
+        # the full state (optimizer, loops, callbacks): said explicitly, as Lightning otherwise notes its default
+        lightning_trainer.save_checkpoint(os.path.join(tmp_dir, LIGHTNING_CKPT_NAME), weights_only=False)
     strategy.barrier("hf_lightning.save_checkpoint.written")  # every rank's files are in before the rename
     if args.should_save:
         _replace_dir_atomically(tmp_dir, final_dir)
@@ -261,7 +306,7 @@ def _load_state_dict_checked(model, state_dict: dict, source: str) -> None:
 
 def load_best_model(model, state: TrainerState) -> None:
     folder = state.best_model_checkpoint
-    logger.info("Loading best model from %s (score: %s).", folder, state.best_metric)
+    hf_logger.info(f"Loading best model from {folder} (score: {state.best_metric}).")
     _load_weights(model, folder)
 
 
@@ -315,15 +360,21 @@ def restore_training_state(hooks: TrainerHooks, run: RunState, lightning_trainer
     """Load weights, optimizer, scheduler, TrainerState and RNG from a checkpoint folder or a .ckpt file, and move
     Lightning's loop counters to the resumed step (Lightning restores its own loops only from its own ckpt_path)."""
     args = run.args
+    hf_logger.info(f"Loading model from {path}.")
     if os.path.isfile(path):
         state, rng = _restore_from_lightning_ckpt(hooks, args, path)
     else:
         state, rng = _restore_from_folder(hooks, args, lightning_trainer, path)
+    compare_trainer_and_checkpoint_args(args, state)  # the "save_steps: X (from args) != Y" warning
     state.max_steps = plan.max_steps
     state.num_train_epochs = plan.num_train_epochs
-    state.compute_steps(args, plan.max_steps)
+    # logging/eval/save steps stay the checkpoint's, as in transformers (which warns when the args differ, above)
     state.train_batch_size = run.state.train_batch_size
     if state.best_model_checkpoint is not None and not os.path.isdir(state.best_model_checkpoint):
+        hf_logger.warning(
+            f"The best checkpoint {state.best_model_checkpoint} recorded in the resumed state does not "
+            "exist anymore. Ignoring it for this run."
+        )
         state.best_model_checkpoint = None
     run.state = state
     if args.restore_callback_states_from_checkpoint:
@@ -408,6 +459,7 @@ def _load_callback_states(run: RunState) -> None:
             entry = entry[0] if isinstance(entry, list) else entry
             for key, value in entry.get("attributes", {}).items():
                 setattr(cb, key, value)
+            hf_logger.info("Continuing training from checkpoint, restoring any callbacks that were passed in")
 
 
 def model_from_lightning_checkpoint(path: str):

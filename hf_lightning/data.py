@@ -47,6 +47,15 @@ def remove_unused_columns(dataset, columns: list[str], description: str | None, 
     """transformers' `_remove_unused_columns` for a `datasets.Dataset`, refusing a dataset that keeps nothing."""
     kept = [k for k in columns if k in dataset.column_names]
     ignored = sorted(set(dataset.column_names) - set(columns))
+    if ignored:  # transformers' notice, on its logger, in its words (and its column order)
+        listed = ", ".join(set(dataset.column_names) - set(columns))
+        dset_description = "" if description is None else f"in the {description} set"
+        logging.getLogger("transformers.trainer").info(
+            f"The following columns {dset_description} don't have a corresponding argument in "
+            f"`{model_name}.forward` and have been ignored: {listed}."
+            f" If {listed} are not expected by `{model_name}.forward`, "
+            " you can safely ignore this message."
+        )
     if not kept:
         raise ValueError(
             f"No column of the {description} dataset ({', '.join(dataset.column_names)}) is an argument of "

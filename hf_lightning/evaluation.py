@@ -8,6 +8,7 @@ metrics, `log`, `on_evaluate`; for a prediction only `on_predict`) — one funct
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -15,12 +16,29 @@ from typing import Any
 
 import numpy as np
 from transformers.trainer_pt_utils import EvalLoopContainer, find_batch_size
-from transformers.trainer_utils import EvalPrediction, denumpify_detensorize, speed_metrics
+from transformers.trainer_utils import EvalPrediction, denumpify_detensorize, has_length, speed_metrics
 
 from .run import RunState, TrainerHooks
 
 EVALUATION = "Evaluation"
 PREDICTION = "Prediction"
+
+# transformers' own logger: users' logging configuration and `log_level` see these lines where they see transformers'.
+hf_logger = logging.getLogger("transformers.trainer")
+
+
+def announce_evaluation(description: str, loader, args) -> None:
+    """transformers' `evaluation_loop` header (its `num_examples` estimate included)."""
+    hf_logger.info(f"\n***** Running {description} *****")
+    if has_length(loader):
+        try:
+            num_examples = len(loader.dataset)
+        except (TypeError, AttributeError):
+            num_examples = len(loader) * args.per_device_train_batch_size
+        hf_logger.info(f"  Num examples = {num_examples}")
+    else:
+        hf_logger.info("  Num examples: Unknown")
+    hf_logger.info(f"  Batch size = {args.eval_batch_size}")
 
 
 @dataclass

@@ -27,6 +27,7 @@ import time
 
 import lightning.pytorch as pl
 import torch
+from transformers.trainer_pt_utils import get_model_param_count
 from transformers.trainer_utils import SaveStrategy, TrainOutput, speed_metrics
 
 from . import checkpoint as ckpt
@@ -35,6 +36,7 @@ from . import evaluation
 from .run import RunState, TrainerHooks, TrainingPlan
 
 logger = logging.getLogger("hf_lightning")
+hf_logger = logging.getLogger("transformers.trainer")  # where transformers logs these lines (users' config sees them)
 
 
 def add_filtered_loss(tr_loss: torch.Tensor, loss: torch.Tensor, steps_so_far: int, read_value: bool) -> None:
@@ -104,6 +106,9 @@ class TrainingFlow(pl.Callback):
 
     def on_fit_start(self, trainer, pl_module):
         hooks, run = self.hooks, self.run
+        # transformers' training_step calls model.train() before every forward; done here already, Lightning does not
+        # warn that a from_pretrained model (eval mode) is "in eval mode at the start of training".
+        pl_module.train()
         self.tr_loss = torch.zeros((), device=pl_module.device)
         self.total_loss_scalar = 0.0
         handler = run.callback_handler
@@ -121,10 +126,8 @@ class TrainingFlow(pl.Callback):
         self.initial_global_step = run.state.global_step
         self.globalstep_last_logged = run.state.global_step
         run.initial_num_input_tokens_seen = run.state.num_input_tokens_seen
-        logger.info(
-            "***** Running training ***** examples=%s epochs=%s update steps=%s total batch size=%s",
-            self.plan.num_examples, self.plan.num_train_epochs, self.plan.max_steps, self.plan.total_batch_size,
-        )
+        announce_training(run.args, self.plan, run.state, hooks.model,
+                          self._resume if self.resume_from_checkpoint is not None else None)
         self.start_time = time.time()
         run.on_train_begin()
 
@@ -283,6 +286,7 @@ class TrainingFlow(pl.Callback):
     def on_train_end(self, trainer, pl_module):
         hooks, run = self.hooks, self.run
         state = run.state
+        hf_logger.info("\n\nTraining completed. Do not forget to share your model on huggingface.co/models =)\n\n")
         self.total_loss_scalar += self._mean_over_processes(self.tr_loss).item()
         num_steps = state.global_step - self.initial_global_step
         train_loss = self.total_loss_scalar / max(num_steps, 0.001)
@@ -301,6 +305,7 @@ class TrainingFlow(pl.Callback):
         if run.args.should_save and state.best_model_checkpoint is not None and run.args.save_total_limit == 1:
             for folder in ckpt.sorted_checkpoints(run.args.output_dir):
                 if not os.path.samefile(folder, state.best_model_checkpoint):
+                    hf_logger.info(f"Deleting older checkpoint [{folder}] due to args.save_total_limit")
                     shutil.rmtree(folder, ignore_errors=True)
         run.on_train_end()
         self.train_output = TrainOutput(state.global_step, train_loss, metrics)
@@ -317,6 +322,31 @@ class TrainingFlow(pl.Callback):
 
     def load_state_dict(self, state_dict):
         self._rng_from_lightning_ckpt = ckpt.load_flow_state_dict(self.run, state_dict)
+
+
+def announce_training(args, plan: TrainingPlan, state, model, resume) -> None:
+    """transformers' "***** Running training *****" block, on transformers' logger, line for line."""
+    hf_logger.info("***** Running training *****")
+    hf_logger.info(f"  Num examples = {plan.num_examples:,}")
+    hf_logger.info(f"  Num Epochs = {plan.num_train_epochs:,}")
+    hf_logger.info(f"  Num update steps per epoch = {plan.updates_per_epoch:,}")
+    hf_logger.info(f"  Instantaneous batch size per device = {args.per_device_train_batch_size:,}")
+    if args.per_device_train_batch_size != state.train_batch_size:
+        hf_logger.info(f"  Training with DataParallel so batch size has been adjusted to: {state.train_batch_size:,}")
+    hf_logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {plan.total_batch_size:,}")
+    hf_logger.info(f"  Gradient Accumulation steps = {args.gradient_accumulation_steps}")
+    hf_logger.info(f"  Total optimization steps = {plan.max_steps:,}")
+    hf_logger.info(f"  Number of trainable parameters = {get_model_param_count(model, trainable_only=True):,}")
+    if resume is not None:
+        hf_logger.info(
+            f"  Resuming training from checkpoint with epoch {resume.epochs_trained} and global step {state.global_step}"
+        )
+        if not args.ignore_data_skip:
+            hf_logger.info(
+                f"  Fast-forwarding the dataloader past {resume.epochs_trained} epochs and"
+                f" {resume.windows_to_skip * args.gradient_accumulation_steps} batches to resume from the exact"
+                " training state."
+            )
 
 
 def _count_tokens(model, args, inputs) -> int:

@@ -6,6 +6,8 @@ passes `callback=[...]`; transformers 5.24 fails on both, hf_lightning accepts t
 
 from __future__ import annotations
 
+import logging
+
 import transformers
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, default_data_collator
 from transformers.trainer_utils import has_length
@@ -61,6 +63,9 @@ def check_trainer_inputs(args, train_dataset, eval_dataset, optimizer, optimizer
             f"TrainingArguments.eval_strategy={args.eval_strategy.value!r} needs an evaluation dataset: pass "
             "`eval_dataset=` to the Trainer, or set eval_strategy='no'."
         )
+    if args.max_steps > 0 and args.num_train_epochs > 0:
+        hf_logger = logging.getLogger("transformers.trainer")  # transformers' line, on its logger
+        hf_logger.info("max_steps is given, it will override any value given in num_train_epochs")
     if train_dataset is not None and not has_length(train_dataset) and args.max_steps <= 0:
         raise ValueError(
             "The train_dataset has no length (an IterableDataset): set TrainingArguments.max_steps to the number "

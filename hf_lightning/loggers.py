@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import warnings
 
 import transformers
 
@@ -115,3 +117,37 @@ hf_lightning, so its own level setting at import comes first)."""
 def _is_main(args) -> bool:
     rank = int(os.environ.get("LOCAL_RANK" if args.log_on_each_node else "RANK", "0"))
     return rank == 0
+
+
+# What Lightning says on every run that is neither true nor useful to a transformers user (README, "What is covered").
+_LIGHTNING_NOISE_WARNINGS = (
+    r".*defined a `validation_step` but have no `val_dataloader`.*",  # evaluation data is optional (eval_strategy="no")
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # torch deprecating a name Lightning uses inside
+    r"GPU available but not used",  # its advice is Lightning's API; use_cpu=True is how a transformers user asks
+    r"Total length of `list` across ranks is zero",  # the empty list of evaluation loaders of a run without eval data
+)
+_LIGHTNING_BANNERS = ("GPU available:", "TPU available:", "\N{ELECTRIC LIGHT BULB} Tip:")
+
+
+class _DropBanners(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_LIGHTNING_BANNERS)
+
+
+@contextlib.contextmanager
+def quiet_lightning():
+    """Around a lightning.Trainer's construction and its loops: drop Lightning's device banners and product tips, and
+    the warnings above; everything else Lightning says passes. Nothing outlives the block (no global filter, no
+    level change): the logging filter sits on Lightning's rank-zero logger for the block only."""
+    from lightning_utilities.core import rank_zero
+
+    banner_logger = rank_zero.log  # the logger Lightning's rank_zero_info writes to (set by lightning.pytorch)
+    drop = _DropBanners()
+    banner_logger.addFilter(drop)
+    try:
+        with warnings.catch_warnings():
+            for message in _LIGHTNING_NOISE_WARNINGS:
+                warnings.filterwarnings("ignore", message=message)
+            yield
+    finally:
+        banner_logger.removeFilter(drop)

@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.strategies import ParallelStrategy
 
 from . import compat
-from .evaluation import EvaluationOutput, EvaluationRun
+from .evaluation import EvaluationOutput, EvaluationRun, announce_evaluation
 from .optimizers import OptimizerQuirks
 from .run import RunState, TrainerHooks
 
@@ -184,13 +184,17 @@ class TransformersModule(pl.LightningModule):
         self.quirks.eval()
 
     def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
-        self._evaluation_step(batch, dataloader_idx, self.trainer.num_val_batches)
+        self._evaluation_step(batch, dataloader_idx, self.trainer.num_val_batches, self.trainer.val_dataloaders)
 
     def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
-        self._evaluation_step(batch, dataloader_idx, self.trainer.num_test_batches)
+        self._evaluation_step(batch, dataloader_idx, self.trainer.num_test_batches, self.trainer.test_dataloaders)
 
-    def _evaluation_step(self, inputs, dataloader_idx: int, num_batches: list) -> None:
-        self._runs[dataloader_idx].step(self.hooks, self.model, inputs, num_batches[dataloader_idx])
+    def _evaluation_step(self, inputs, dataloader_idx: int, num_batches: list, loaders=None) -> None:
+        run = self._runs[dataloader_idx]
+        if run.steps == 0:  # transformers announces each dataset's evaluation loop as it starts
+            loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
+            announce_evaluation(run.description, loader, self.run_state.args)
+        run.step(self.hooks, self.model, inputs, num_batches[dataloader_idx])
         self.run_state.on_prediction_step()
 
     def on_validation_epoch_end(self):

@@ -70,19 +70,20 @@ def look_up(lookup, args, model):
 
 
 def optimizer_state_globals() -> list:
-    """Classes that optimizer state may hold, allowed when loading optimizer.pt with weights_only=True."""
-    import importlib
+    """Classes that optimizer state may hold, allowed when loading optimizer.pt with weights_only=True.
 
+    Only from packages already imported: state holding a GaLore/APOLLO projector loads into an optimizer of that
+    package, built before the load. Importing them here would import bitsandbytes for a plain AdamW resume too, and
+    its warnings with it."""
     allowed = []
     for module, name in (
         ("galore_torch.galore_projector", "GaLoreProjector"),
         ("apollo_torch.random_projector", "GradientProjector"),
         ("apollo_torch.svd_projector", "GaLoreProjector"),
     ):
-        try:
-            allowed.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):
-            pass
+        found = getattr(sys.modules.get(module), name, None)
+        if found is not None:
+            allowed.append(found)
     return allowed
 
 

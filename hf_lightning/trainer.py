@@ -10,7 +10,6 @@ import contextlib
 import inspect
 import logging
 import os
-import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +19,7 @@ import transformers
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from transformers.modeling_utils import PreTrainedModel
-from transformers.trainer_callback import DefaultFlowCallback, PrinterCallback, TrainerControl, TrainerState
+from transformers.trainer_callback import DefaultFlowCallback, TrainerControl, TrainerState
 from transformers.trainer_pt_utils import (
     LayerWiseDummyOptimizer,
     get_parameter_names,
@@ -32,14 +31,14 @@ from transformers.trainer_pt_utils import (
 from transformers.trainer_utils import PredictionOutput, enable_full_determinism, set_seed
 
 from . import checkpoint as ckpt
-from . import compat, evaluation, inputs, steps
+from . import compat, evaluation, inputs, progress, steps
 from . import data as hf_data
 from . import optimizers as hf_optimizers
 from .accelerator import LightningAccelerator
 from .callbacks import CallbackHandler, pop_lightning_callback, split_callbacks
 from .features import release_process_group_at_exit
 from .flow import TrainingFlow
-from .loggers import apply_log_levels, make_loggers
+from .loggers import apply_log_levels, make_loggers, quiet_lightning
 from .module import TransformersModule
 from .run import RunState, shared_attribute
 from .training_args import loop_arguments, translate_arguments
@@ -48,9 +47,6 @@ if TYPE_CHECKING:
     import datasets
 
 logger = logging.getLogger("hf_lightning")
-
-# Lightning warns on every fit that runs without evaluation data, which is optional here (eval_strategy="no").
-_NO_VAL_LOADER_WARNING = r".*defined a `validation_step` but have no `val_dataloader`.*"
 
 
 class Trainer:
@@ -129,12 +125,9 @@ class Trainer:
 
         hf_callbacks, self._lightning_callbacks = split_callbacks(callbacks or [])
         handler = CallbackHandler(
-            [DefaultFlowCallback, *hf_callbacks, PrinterCallback],
-            self.model,
-            self.processing_class,
-            self.optimizer,
-            self.lr_scheduler,
+            [DefaultFlowCallback, *hf_callbacks], self.model, self.processing_class, self.optimizer, self.lr_scheduler
         )
+        handler.add_callback(progress.default_progress_callback(args))  # after the user's, as transformers adds it
         self._run = RunState(args, handler)
         self._run.new_state(self.is_local_process_zero(), self.is_world_process_zero())
         if args.should_save:
@@ -237,7 +230,7 @@ class Trainer:
         if self.train_dataset is None:
             raise ValueError("Trainer: training requires a train_dataset.")
         return self._get_dataloader(
-            self.train_dataset, "training", self._train_batch_size, self._get_train_sampler, is_training=True
+            self.train_dataset, "Training", self._train_batch_size, self._get_train_sampler, is_training=True
         )
 
     def get_eval_dataloader(self, eval_dataset: str | Dataset | None = None) -> DataLoader:
@@ -247,7 +240,7 @@ class Trainer:
             eval_dataset = self.eval_dataset[eval_dataset]
         elif eval_dataset is None:
             eval_dataset = self.eval_dataset
-        return self._get_dataloader(eval_dataset, "evaluation", self.args.eval_batch_size, self._get_eval_sampler)
+        return self._get_dataloader(eval_dataset, "Evaluation", self.args.eval_batch_size, self._get_eval_sampler)
 
     def get_test_dataloader(self, test_dataset: Dataset) -> DataLoader:
         return self._get_dataloader(test_dataset, "test", self.args.eval_batch_size, self._get_eval_sampler)
@@ -396,8 +389,10 @@ class Trainer:
         kwargs = translate_arguments(self.args)
         kwargs["callbacks"] = ([flow] if flow is not None else []) + list(self._lightning_callbacks) + kwargs["callbacks"]
         kwargs.setdefault("logger", make_loggers(self.args))
+        progress.configure_progress(kwargs, self.callback_handler.callbacks, self.args)
         kwargs.update(loop_limits)
-        self.lightning_trainer = pl.Trainer(**kwargs)
+        with quiet_lightning():
+            self.lightning_trainer = pl.Trainer(**kwargs)
         return self.lightning_trainer
 
     # ------------------------------------------------------------------ train / evaluate / predict
@@ -436,8 +431,7 @@ class Trainer:
         lightning_trainer = self._new_lightning_trainer(flow, **loop_arguments(args, plan))
         try:
             # Resumes are restored by TrainingFlow (checkpoint.py) from either format, not by Lightning's ckpt_path.
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=_NO_VAL_LOADER_WARNING)
+            with quiet_lightning():
                 lightning_trainer.fit(module, train_dataloaders=windows, val_dataloaders=flow.eval_loaders or None)
         finally:
             self.is_in_train = False
@@ -461,7 +455,8 @@ class Trainer:
         self.callback_handler.eval_dataloader = loaders[0][1]
         trainer = self.lightning_trainer or self._new_lightning_trainer()
         run_loop = trainer.validate if description == evaluation.EVALUATION else trainer.test
-        run_loop(module, dataloaders=[loader for _, loader in loaders], verbose=False)
+        with quiet_lightning():
+            run_loop(module, dataloaders=[loader for _, loader in loaders], verbose=False)
         outputs = module.finished_evaluations
         module.end_evaluation()
         metrics: dict[str, float] = {}
