@@ -32,7 +32,7 @@ from transformers.trainer_pt_utils import (
 from transformers.trainer_utils import PredictionOutput, enable_full_determinism, set_seed
 
 from . import checkpoint as ckpt
-from . import compat, evaluation, inputs, steps
+from . import compat, evaluation, inputs, interrupts, steps
 from . import data as hf_data
 from . import optimizers as hf_optimizers
 from .accelerator import LightningAccelerator
@@ -436,7 +436,7 @@ class Trainer:
         lightning_trainer = self._new_lightning_trainer(flow, **loop_arguments(args, plan))
         try:
             # Resumes are restored by TrainingFlow (checkpoint.py) from either format, not by Lightning's ckpt_path.
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), interrupts.lightning_call(lightning_trainer):
                 warnings.filterwarnings("ignore", message=_NO_VAL_LOADER_WARNING)
                 lightning_trainer.fit(module, train_dataloaders=windows, val_dataloaders=flow.eval_loaders or None)
         finally:
@@ -461,7 +461,8 @@ class Trainer:
         self.callback_handler.eval_dataloader = loaders[0][1]
         trainer = self.lightning_trainer or self._new_lightning_trainer()
         run_loop = trainer.validate if description == evaluation.EVALUATION else trainer.test
-        run_loop(module, dataloaders=[loader for _, loader in loaders], verbose=False)
+        with interrupts.lightning_call(trainer):
+            run_loop(module, dataloaders=[loader for _, loader in loaders], verbose=False)
         outputs = module.finished_evaluations
         module.end_evaluation()
         metrics: dict[str, float] = {}
