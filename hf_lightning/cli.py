@@ -7,8 +7,13 @@
 A config has four groups: `model` (TransformersTask), `data` (TextFiles), `args` (every TrainingArguments field,
 with transformers' own help texts) and `trainer` (`callbacks`: TrainerCallbacks and Lightning callbacks by
 class_path; `logger`: Lightning loggers by class_path, or name them in `args.report_to`). A YAML printed by --print_config runs unchanged.
-Bad input (an unknown key, a missing file or column, a model folder that does not load) ends with one line on stderr
-and exit code 2.
+Bad input ends with one line on stderr and exit code 2; a traceback (exit code 1) means a bug. Bad input is:
+a parse error (an unknown key or a value of the wrong type); a `ValueError` or `TypeError` from building the
+groups (transformers' TrainingArguments checks: an unknown `optim` or `eval_strategy`, ...); what `run` checks itself
+(a missing file, column or model folder); and a `ValueError`, `TypeError` or `OSError` raised before training or
+evaluation begins (hf_lightning's checks: a refused field, a missing `--ckpt_path`, eval without validation data;
+torch's and datasets': batch size 0, a negative learning rate, an empty file, validation_split 1.5). Once the run
+has begun (TrainerCallback.on_train_begin / on_prediction_step), every error is reported with its traceback.
 """
 
 from __future__ import annotations
@@ -79,6 +84,22 @@ class DataConfig:
 
 class UsageError(Exception):
     """Bad input: reported as one line, exit code 2."""
+
+
+# What the libraries raise for a bad value; reported as bad input while no step has run (see the module docstring).
+INPUT_ERRORS = (ValueError, TypeError)
+
+
+class RunBegan(TrainerCallback):
+    """Marks where bad input can no longer be the cause: every check has passed and the run's first work began."""
+
+    began = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.began = True
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        self.began = True
 
 
 class TransformersTask(pl.LightningModule):
@@ -166,6 +187,12 @@ class HFLightningCLI(LightningCLI):
             "predict": {"model", "dataloaders", "datamodule"},
         }
 
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except INPUT_ERRORS as err:  # raised by a group's own checks (TrainingArguments.__post_init__)
+            raise UsageError(str(err)) from err
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_class_arguments(TrainingArguments, "args")
         parser.link_arguments("args", "trainer.args", apply_on="instantiate")
@@ -200,9 +227,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(subcommand: str, model_cfg: ModelConfig, data_cfg: DataConfig, args, callbacks) -> None:
+    began = RunBegan()
+    try:
+        _run(subcommand, model_cfg, data_cfg, args, [*callbacks, began])
+    except (*INPUT_ERRORS, OSError) as err:
+        if began.began:
+            raise
+        raise UsageError(f"{type(err).__name__}: {err}") from err
+
+
+def _run(subcommand: str, model_cfg: ModelConfig, data_cfg: DataConfig, args, callbacks) -> None:
     from . import Trainer
 
-    splits = load_data(data_cfg, subcommand)
+    splits = load_data(data_cfg, subcommand, model_cfg.task)
     classify = model_cfg.task == "sequence-classification"
     if classify and subcommand == "fit":
         labels = label_names(splits, data_cfg)
@@ -254,7 +291,7 @@ def run(subcommand: str, model_cfg: ModelConfig, data_cfg: DataConfig, args, cal
 # ---------------------------------------------------------------------- pieces
 
 
-def load_data(cfg: DataConfig, subcommand: str) -> dict:
+def load_data(cfg: DataConfig, subcommand: str, task: str = "sequence-classification") -> dict:
     import datasets
 
     wanted = {"fit": ["train_file"], "validate": ["validation_file"], "predict": ["test_file"]}[subcommand]
@@ -277,7 +314,8 @@ def load_data(cfg: DataConfig, subcommand: str) -> dict:
         parts = splits["train"].train_test_split(test_size=cfg.validation_split, seed=0)
         splits["train"], splits["validation"] = parts["train"], parts["test"]
     for split, ds in splits.items():
-        needed = [cfg.text_column] + ([cfg.label_column] if cfg.label_column and split != "test" else [])
+        labelled = cfg.label_column and split != "test" and task == "sequence-classification"  # causal-lm: the text
+        needed = [cfg.text_column] + ([cfg.label_column] if labelled else [])
         for column in needed:
             if column not in ds.column_names:
                 raise UsageError(
@@ -301,6 +339,7 @@ def load_tokenizer(cfg: ModelConfig):
     path = cfg.tokenizer or cfg.name_or_path
     if path is None:
         raise UsageError("model.tokenizer is required when the model is built from model.config.")
+    _check_folder(path, "tokenizer folder", "model.tokenizer" if cfg.tokenizer else "model.name_or_path")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
@@ -308,6 +347,13 @@ def load_tokenizer(cfg: ModelConfig):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
+
+
+def _check_folder(path: str, what: str, key: str) -> None:
+    """A local path that is not there is reported as such, not as a malformed Hub repo id (from_pretrained's error)."""
+    local = os.path.isabs(path) or path.startswith((".", "~")) or os.environ.get("HF_HUB_OFFLINE") == "1"
+    if local and not os.path.isdir(os.path.expanduser(path)):
+        raise UsageError(f"{what} {path} not found ({key}: a folder written by save_pretrained).")
 
 
 def load_model(cfg: ModelConfig, labels: list | None):
@@ -320,6 +366,7 @@ def load_model(cfg: ModelConfig, labels: list | None):
     if labels is not None:
         extra["num_labels"] = cfg.num_labels or len(labels)
     if cfg.name_or_path is not None:
+        _check_folder(cfg.name_or_path, "model folder", "model.name_or_path")
         try:
             return auto.from_pretrained(cfg.name_or_path, **extra)
         except (OSError, ValueError) as err:

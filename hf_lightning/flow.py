@@ -10,6 +10,7 @@ that asked for it) and asks the run state to fire the TrainerCallback events at 
     log                            on_train_batch_end, on the device-side loss sum read once per log
     evaluate                       Lightning's validation loop, run when TrainerControl.should_evaluate says so
     save                           after the evaluation (on_validation_end) or at once when no evaluation is due
+    JIT checkpoint (SIGTERM)       on_train_batch_end once Lightning saw the signal, else on_exception
     on_epoch_end                   after the step's log/eval/save, on the epoch's last window or when stopping
     on_train_end                   on_train_end, after the train summary log and best-model loading
 
@@ -28,6 +29,7 @@ import time
 import lightning.pytorch as pl
 import torch
 from transformers.trainer_pt_utils import get_model_param_count
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from transformers.trainer_utils import SaveStrategy, TrainOutput, speed_metrics
 
 from . import checkpoint as ckpt
@@ -81,6 +83,7 @@ class TrainingFlow(pl.Callback):
         self._epoch_end_fired = False
         self._epoch_ends_here = False
         self._last_validated_step: int | None = None
+        self._last_saved_step: int | None = None
         self._rng_from_lightning_ckpt = None
         self._resume = None
         self._trainer: pl.Trainer | None = None
@@ -172,6 +175,9 @@ class TrainingFlow(pl.Callback):
         run.state.global_step = trainer.global_step
         run.state.epoch = trainer.current_epoch + self.micro_batches_in_epoch / self.plan.steps_in_epoch
         run.on_step_end()
+        if self._jit_checkpoint_due(trainer):  # as transformers' JITCheckpointCallback.on_step_end: this save only
+            run.control.should_save = False
+            self._save_jit_checkpoint()
         control = run.control
         self._epoch_ends_here = (
             compat.is_last_batch(trainer)
@@ -279,7 +285,28 @@ class TrainingFlow(pl.Callback):
     def _save_if_requested(self) -> None:
         if self.run.control.should_save:
             self.hooks._save_checkpoint(self.hooks.model)
+            self._last_saved_step = self.run.state.global_step
             self.run.on_save()
+
+    # ------------------------------------------------------------------ SIGTERM (interrupts.py)
+
+    def _jit_checkpoint_due(self, trainer) -> bool:
+        """transformers' `enable_jit_checkpoint`: the process got SIGTERM and the last finished step is not saved yet.
+
+        transformers waits 3 s after the signal before asking for the save, so that a SIGKILL right behind it does
+        not leave a partial folder; saves here are atomic (checkpoint.py), so the save starts at the step's end."""
+        return (self.run.args.enable_jit_checkpoint and trainer.received_sigterm
+                and self._last_saved_step != self.run.state.global_step)
+
+    def _save_jit_checkpoint(self) -> None:
+        logger.info("SIGTERM received: saving the checkpoint of step %s before exiting", self.run.state.global_step)
+        self.hooks._save_checkpoint(self.hooks.model)  # no on_save, as transformers' execute_jit_checkpoint
+        self._last_saved_step = self.run.state.global_step
+
+    def on_exception(self, trainer, pl_module, exception):
+        # The signal came during an in-training evaluation or at an epoch's end, after the step's save point.
+        if isinstance(exception, SIGTERMException) and self._jit_checkpoint_due(trainer):
+            self._save_jit_checkpoint()
 
     # ------------------------------------------------------------------ the end
 
@@ -309,6 +336,12 @@ class TrainingFlow(pl.Callback):
                     shutil.rmtree(folder, ignore_errors=True)
         run.on_train_end()
         self.train_output = TrainOutput(state.global_step, train_loss, metrics)
+
+    def on_fit_end(self, trainer, pl_module):
+        # Lightning skips its fit loop, on_train_end included, when nothing is left to train (num_train_epochs=0, a
+        # resume at or past max_steps); transformers still ends the run: summary log, on_train_end, a TrainOutput.
+        if self.train_output is None:
+            self.on_train_end(trainer, pl_module)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         # Saved on an epoch's last window, the loop state reads "mid-epoch, last batch": Lightning's own restore

@@ -31,7 +31,7 @@ from transformers.trainer_pt_utils import (
 from transformers.trainer_utils import PredictionOutput, enable_full_determinism, set_seed
 
 from . import checkpoint as ckpt
-from . import compat, evaluation, inputs, progress, steps
+from . import compat, evaluation, inputs, interrupts, progress, steps
 from . import data as hf_data
 from . import optimizers as hf_optimizers
 from .accelerator import LightningAccelerator
@@ -431,7 +431,7 @@ class Trainer:
         lightning_trainer = self._new_lightning_trainer(flow, **loop_arguments(args, plan))
         try:
             # Resumes are restored by TrainingFlow (checkpoint.py) from either format, not by Lightning's ckpt_path.
-            with quiet_lightning():
+            with quiet_lightning(), interrupts.lightning_call(lightning_trainer):
                 lightning_trainer.fit(module, train_dataloaders=windows, val_dataloaders=flow.eval_loaders or None)
         finally:
             self.is_in_train = False
@@ -455,7 +455,7 @@ class Trainer:
         self.callback_handler.eval_dataloader = loaders[0][1]
         trainer = self.lightning_trainer or self._new_lightning_trainer()
         run_loop = trainer.validate if description == evaluation.EVALUATION else trainer.test
-        with quiet_lightning():
+        with quiet_lightning(), interrupts.lightning_call(trainer):
             run_loop(module, dataloaders=[loader for _, loader in loaders], verbose=False)
         outputs = module.finished_evaluations
         module.end_evaluation()

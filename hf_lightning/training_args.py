@@ -95,7 +95,7 @@ FIELD_POLICY: dict[str, tuple[str, str]] = {
     "save_steps": (HONOURED, "TrainerState.save_steps (int or ratio)"),
     "save_on_each_node": (HONOURED, "args.should_save"),
     "save_total_limit": (HONOURED, "oldest checkpoint folders rotated, the best one kept"),
-    "enable_jit_checkpoint": (UNSUPPORTED, "not implemented yet"),
+    "enable_jit_checkpoint": (HONOURED, "on SIGTERM: checkpoint-N of the last finished step, then exit 143"),
     "push_to_hub": (UNSUPPORTED, "not implemented yet (no Hub access here)"),
     "hub_token": (UNSUPPORTED, "push_to_hub is not implemented yet"),
     "hub_private_repo": (UNSUPPORTED, "push_to_hub is not implemented yet"),

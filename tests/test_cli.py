@@ -48,6 +48,10 @@ def cli(*argv, check=True):
 
 @pytest.fixture
 def config(tmp_path, pretrained):
+    return write_config(tmp_path, pretrained)
+
+
+def write_config(tmp_path, pretrained):
     rows = [{"text": f"{w} movie", "label": "pos" if i % 2 else "neg"} for i, w in enumerate(["good", "bad"] * 8)]
     with open(tmp_path / "train.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -147,3 +151,74 @@ def test_demo_config_fine_tunes_a_pretrained_folder(pretrained, tmp_path):
     saved = json.load(open(tmp_path / "demo" / "config.json"))
     assert saved["architectures"] == ["BertForSequenceClassification"] and saved["vocab_size"] == len(WORDS) + 5
     assert os.path.isfile(tmp_path / "demo" / "tokenizer.json")
+
+
+LLAMA = json.dumps({"model_type": "llama", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                    "num_key_value_heads": 2, "intermediate_size": 32})
+# Errors found after parsing: (case, extra argv, what the one line names). {tmp} is the run's folder.
+USER_ERRORS = [
+    ("bad optim", ["--args.optim", "nope"], "nope is not a valid OptimizerNames"),
+    ("bad eval_strategy", ["--args.eval_strategy", "sometimes"], "sometimes is not a valid IntervalStrategy"),
+    ("batch size 0", ["--args.per_device_train_batch_size", "0"], "batch_size=0"),
+    ("negative lr", ["--args.learning_rate", "-1"], "Invalid learning rate: -1.0"),
+    ("refused field", ["--args.torch_compile", "true"], "torch_compile=True is not supported"),
+    ("empty csv", ["--data.train_file", "{tmp}/empty.csv"], "no data"),
+    ("validation_split 1.5", ["--data.validation_split", "1.5"], "test_size=1.5"),
+    ("missing ckpt_path", ["--ckpt_path", "{tmp}/nope"], "resume_from_checkpoint='{tmp}/nope' does not exist"),
+    ("eval without validation data", ["--data.validation_split", "null"], "eval_strategy='steps' needs an evaluation"),
+    ("missing model folder", ["--model.config", "null", "--model.name_or_path", "{tmp}/no-model"],
+     "model folder {tmp}/no-model not found"),
+    # A plain text file has no label column, and causal-lm needs none: this one trains up to the bad value.
+    ("causal-lm on a text file", ["--model.task", "causal-lm", "--model.config", LLAMA, "--data.train_file",
+                                  "{tmp}/plain.txt", "--data.validation_split", "null", "--args.eval_strategy", "no",
+                                  "--args.learning_rate", "-1"],
+     "Invalid learning rate: -1.0"),
+]
+
+
+@pytest.fixture(scope="module")
+def user_error_runs(tmp_path_factory, pretrained):
+    """Every USER_ERRORS case, each `hf-lightning fit` in a process of its own, started together (they are cheap:
+    each ends before the first step)."""
+    tmp = tmp_path_factory.mktemp("user_errors")
+    config = write_config(tmp, pretrained)
+    (tmp / "empty.csv").write_text("text,label\n")
+    (tmp / "plain.txt").write_text("good movie\nbad movie\n" * 8)
+    procs = {
+        case: subprocess.Popen([sys.executable, "-m", "hf_lightning.cli", "fit", "--config", str(config),
+                                *(arg.replace("{tmp}", str(tmp)) for arg in argv)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        for case, argv, _ in USER_ERRORS
+    }
+    return tmp, {case: (proc.wait(timeout=300), proc.communicate()[1]) for case, proc in procs.items()}
+
+
+@pytest.mark.parametrize("case,argv,named", USER_ERRORS, ids=[case for case, _, _ in USER_ERRORS])
+def test_user_errors_after_parsing_are_one_line_and_exit_2(user_error_runs, case, argv, named):
+    tmp, results = user_error_runs
+    returncode, stderr = results[case]
+    errors = [line for line in stderr.splitlines() if line.startswith("hf-lightning: error:")]
+    assert returncode == 2 and len(errors) == 1, stderr[-3000:]
+    assert named.replace("{tmp}", str(tmp)) in errors[0], errors[0]
+    assert "Traceback" not in stderr
+
+
+def test_fit_again_from_its_last_checkpoint(config, tmp_path):
+    saving = ["--args.save_strategy", "steps", "--args.save_steps", "2"]
+    cli("fit", "--config", config, *saving)
+    out = last_json(cli("fit", "--config", config, *saving, "--ckpt_path", tmp_path / "out" / "checkpoint-4"))
+    assert out["train_loss"] == 0.0 and "eval_loss" in out  # nothing left to train: transformers' TrainOutput
+
+
+class FailingCallback(transformers.TrainerCallback):
+    """A bug in user code: a ValueError once training has begun."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        raise ValueError("a bug, not bad input")
+
+
+def test_a_bug_keeps_its_traceback_and_exit_1(config):
+    callback = json.dumps([{"class_path": "tests.test_cli.FailingCallback"}])
+    proc = cli("fit", "--config", config, "--trainer.callbacks", callback, check=False)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "a bug, not bad input" in proc.stderr, \
+        proc.stderr[-2000:]

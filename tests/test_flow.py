@@ -96,3 +96,30 @@ def test_should_epoch_stop_and_should_evaluate_from_a_callback(tmp_path):
     hf, hl = results["hf"][0], results["hl"][0]
     assert hl.state.global_step == hf.state.global_step == 10
     assert_same_history(hf.state.log_history, hl.state.log_history)
+
+
+@pytest.mark.parametrize("case", ["no_epochs", "resume_finished_run", "resume_past_max_steps"])
+def test_nothing_left_to_train_ends_the_run_as_transformers(tmp_path, case):
+    """Lightning skips its fit loop here; transformers still logs the summary, fires on_train_end, returns TrainOutput."""
+    args = dict(per_device_train_batch_size=4, report_to="none", disable_tqdm=True, use_cpu=True, logging_steps=1)
+    first = dict(num_train_epochs=0, save_strategy="no") if case == "no_epochs" else dict(
+        num_train_epochs=1, save_strategy="steps", save_steps=2)
+    second = dict(first, max_steps=1) if case == "resume_past_max_steps" else first
+    results = {}
+    for key, trainer_cls, args_cls in (("hf", transformers.Trainer, transformers.TrainingArguments),
+                                       ("hl", hf_lightning.Trainer, hf_lightning.TrainingArguments)):
+        out = str(tmp_path / key)
+        if case != "no_epochs":
+            trainer_cls(tiny_bert(), args=args_cls(out, **args, **first), train_dataset=classification_dataset(8)).train()
+        recorder = Recorder()
+        trainer = trainer_cls(tiny_bert(), args=args_cls(out, **args, **second), train_dataset=classification_dataset(8),
+                              callbacks=[recorder])
+        output = trainer.train(resume_from_checkpoint=None if case == "no_epochs" else True)
+        results[key] = (trainer, output, recorder.events)
+    (hf_trainer, hf_output, hf_events), (hl_trainer, hl_output, hl_events) = results["hf"], results["hl"]
+    assert isinstance(hl_output, transformers.trainer_utils.TrainOutput)
+    assert hl_output.global_step == hf_output.global_step and hl_output.training_loss == hf_output.training_loss
+    assert {k: v for k, v in hl_output.metrics.items() if "runtime" not in k} == {
+        k: v for k, v in hf_output.metrics.items() if "runtime" not in k}
+    assert_same_history(hf_trainer.state.log_history, hl_trainer.state.log_history)
+    assert hl_events == hf_events and ("on_train_end", hf_output.global_step) in hl_events

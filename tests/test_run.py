@@ -21,7 +21,8 @@ HOOK_NAMES = set(TrainerHooks.__annotations__) | {
     name for name, value in vars(TrainerHooks).items() if callable(value) and not name.startswith("__")
 }
 LOWER_FLOORS = ("run.py", "module.py", "flow.py", "evaluation.py", "checkpoint.py", "data.py", "steps.py",
-                "optimizers.py", "features.py", "compat.py", "accelerator.py", "callbacks.py", "loggers.py")
+                "optimizers.py", "features.py", "compat.py", "accelerator.py", "callbacks.py", "loggers.py",
+                "interrupts.py")
 
 
 def _sources():

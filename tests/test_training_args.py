@@ -32,7 +32,6 @@ UNSUPPORTED_EXAMPLES = {
     "fsdp": "full_shard",
     "skip_memory_metrics": False,
     "eval_use_gather_object": True,
-    "enable_jit_checkpoint": True,
 }
 
 

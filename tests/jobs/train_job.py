@@ -14,6 +14,8 @@
                   rename to another name, or (a deletion) half of its files deleted
     discard@S     while deleting a folder left over once the new checkpoint-S is in place (the old checkpoint-S that
                   was moved aside): half of its files deleted, then the kill
+--signal NAME@S sends this process SIGNAME (TERM, INT) at the end of step S (on_step_end), as a scheduler or a
+Ctrl-C would; a KeyboardInterrupt that reaches the script is reported ("KeyboardInterrupt at step S") and exits 130.
 The writers are wrapped where the library and transformers call them (torch.save, safetensors' save_file,
 PreTrainedConfig.to_json_file, TrainerState.save_to_json, lightning's Trainer.save_checkpoint, os.replace/os.rename,
 shutil.rmtree); a kill point never reached ends the job normally, which the tests report.
@@ -47,6 +49,8 @@ def parse(argv):
     parser.add_argument("output_dir")
     parser.add_argument("--kill", help="where to SIGKILL this process (see the module docstring)")
     parser.add_argument("--resume")
+    parser.add_argument("--signal", help="NAME@S: send SIGNAME to this process at the end of step S")
+    parser.add_argument("--jit", action="store_true", help="enable_jit_checkpoint=True")
     parser.add_argument("--save-steps", type=int, default=2)
     parser.add_argument("--grad-accum", type=int, default=2)
     return parser.parse_args(argv)
@@ -62,8 +66,9 @@ def die(point: str) -> None:
 class Report(transformers.TrainerCallback):
     """Prints the step a run starts from (the resumed checkpoint's) and kills at step@S / substep@S."""
 
-    def __init__(self, kill):
+    def __init__(self, kill, send=None):
         self.kind, self.step = (kill.split("@")[0], int(kill.split("@")[1])) if kill else (None, None)
+        self.send = (getattr(signal, "SIG" + send.split("@")[0]), int(send.split("@")[1])) if send else None
 
     def on_train_begin(self, args, state, control, **kwargs):
         print(f"RESUMED_AT {state.global_step}", flush=True)
@@ -71,6 +76,11 @@ class Report(transformers.TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if self.kind == "step" and state.global_step == self.step:
             die(f"step@{self.step}")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.send and state.global_step == self.send[1]:
+            print(f"SIGNAL {self.send[0].name} at step {state.global_step}", flush=True)
+            os.kill(os.getpid(), self.send[0])
 
     def on_substep_end(self, args, state, control, **kwargs):
         if self.kind == "substep" and state.global_step == self.step:
@@ -149,12 +159,20 @@ def main(argv) -> None:
     args = args_cls(
         opts.output_dir, per_device_train_batch_size=3, gradient_accumulation_steps=opts.grad_accum,
         num_train_epochs=3, save_steps=opts.save_steps, logging_steps=1, learning_rate=1e-2, report_to="none",
-        disable_tqdm=True, use_cpu=True, seed=7,
+        disable_tqdm=True, use_cpu=True, seed=7, enable_jit_checkpoint=opts.jit,
     )
     trainer = trainer_cls(tiny_bert(dropout=0.2), args=args, train_dataset=classification_dataset(20),
-                          callbacks=[Report(opts.kill)])
+                          callbacks=[Report(opts.kill, opts.signal)])
     resume = True if opts.resume == "latest" else opts.resume
-    trainer.train(resume_from_checkpoint=resume)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except KeyboardInterrupt:
+        print(f"KeyboardInterrupt at step {trainer.state.global_step}", flush=True)
+        sys.exit(130)
+    finally:
+        if (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers:
+            print("SIGNAL HANDLERS RESTORED", flush=True)
     trainer.save_model(os.path.join(opts.output_dir, "final"))
 
 
@@ -175,6 +193,8 @@ def serve() -> None:
                 signal.alarm(300)  # a hung job ends (SIGALRM) instead of hanging the tests
                 main(request["argv"])
                 code = 0
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else 0 if exit_.code is None else 1
             except BaseException:  # noqa: BLE001 - reported through the log and the exit status
                 traceback.print_exc()
             finally:
