@@ -295,6 +295,7 @@ class TrainingFlow(pl.Callback):
         run.store_flos(trainer.strategy)
         metrics["total_flos"] = state.total_flos
         metrics["train_loss"] = train_loss
+        run.memory.stop_stage("train", metrics)  # skip_memory_metrics=False: transformers' memory metrics
         hooks.log(metrics)
         if run.args.load_best_model_at_end and state.best_model_checkpoint is not None:
             ckpt.load_best_model(hooks.model, state)
@@ -304,6 +305,9 @@ class TrainingFlow(pl.Callback):
                     shutil.rmtree(folder, ignore_errors=True)
         run.on_train_end()
         self.train_output = TrainOutput(state.global_step, train_loss, metrics)
+
+    def on_exception(self, trainer, pl_module, exception):
+        self.run.memory.abandon()  # no peak-sampling thread left running after a failed (or retried) train()
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         # Saved on an epoch's last window, the loop state reads "mid-epoch, last batch": Lightning's own restore
