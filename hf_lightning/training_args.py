@@ -114,8 +114,9 @@ FIELD_POLICY: dict[str, tuple[str, str]] = {
     "seed": (HONOURED, "transformers.set_seed in __init__ and train()"),
     "data_seed": (HONOURED, "seed of the shuffling sampler"),
     "use_cpu": (LIGHTNING, "accelerator='cpu'"),
-    "accelerator_config": (HONOURED, "data.py samplers/shards (split_batches, even_batches, use_seedable_sampler), "
-                           "sync_each_batch, num_steps; other sub-fields refused by check_accelerator_config"),
+    "accelerator_config": (HONOURED, "data.py samplers/shards (split_batches, even_batches, use_seedable_sampler); "
+                           "gradient_accumulation_kwargs num_steps / sync_each_batch; non_blocking (Lightning copies "
+                           "to accelerators non-blocking anyway); other sub-fields refused by check_accelerator_config"),
     "parallelism_config": (UNSUPPORTED, "use lightning_trainer_kwargs={'strategy': ...}"),
     "dataloader_drop_last": (HONOURED, "DataLoader(drop_last=...)"),
     "dataloader_num_workers": (HONOURED, "DataLoader(num_workers=...)"),
