@@ -12,6 +12,7 @@ import contextlib
 import inspect
 import logging
 import math
+import os
 import random
 import sys
 from functools import partial
@@ -21,8 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
+from transformers.trainer_callback import TrainerState
 from transformers.trainer_pt_utils import LengthGroupedSampler
-from transformers.trainer_utils import RemoveColumnsCollator, has_length, seed_worker
+from transformers.trainer_utils import RemoveColumnsCollator, find_executable_batch_size, has_length, seed_worker
 
 from .run import TrainingPlan
 
@@ -166,6 +168,9 @@ def train_sampler(args, dataset, processing_class=None):
             lengths=lengths,
             model_input_name=model_input_name,
         )
+    if not _accelerator_config(args, "use_seedable_sampler", True):
+        # accelerate keeps transformers' RandomSampler: each epoch's order is drawn from torch's global RNG
+        return torch.utils.data.RandomSampler(dataset)
     from accelerate.data_loader import SeedableRandomSampler
 
     seed = args.data_seed if args.data_seed is not None else args.seed
@@ -193,6 +198,12 @@ def make_dataloader(args, dataset, collate_fn, batch_size: int, sampler, is_trai
         if shard:
             from transformers.trainer_pt_utils import IterableDatasetShard
 
+            if _accelerator_config(args, "split_batches", False):
+                raise ValueError(
+                    "TrainingArguments.accelerator_config.split_batches=True is not supported by hf_lightning for an "
+                    "IterableDataset with several processes; use a map-style dataset or leave split_batches False."
+                )
+
             dataset = IterableDatasetShard(
                 dataset, batch_size=batch_size, drop_last=args.dataloader_drop_last,
                 num_processes=args.world_size, process_index=args.process_index, seed=args.seed,
@@ -204,15 +215,30 @@ def make_dataloader(args, dataset, collate_fn, batch_size: int, sampler, is_trai
         from accelerate.data_loader import BatchSamplerShard
         from torch.utils.data import BatchSampler
 
+        if isinstance(sampler, torch.utils.data.RandomSampler) and sampler.generator is None:
+            # use_seedable_sampler=False: as accelerate, one generator seeded from the (same) global RNG of every
+            # process, so that the processes shard one shared order
+            sampler.generator = torch.Generator()
+            sampler.generator.manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
         batches = BatchSampler(sampler if sampler is not None else SequentialSampler(dataset), batch_size,
                                args.dataloader_drop_last)
         del params["batch_size"]
-        params["batch_sampler"] = BatchSamplerShard(batches, args.world_size, args.process_index)
+        # split_batches: each process takes its slice of every batch; even_batches=False: the last ones may differ
+        params["batch_sampler"] = BatchSamplerShard(
+            batches, args.world_size, args.process_index, split_batches=_accelerator_config(args, "split_batches", False),
+            even_batches=_accelerator_config(args, "even_batches", True),
+        )
         return DataLoader(dataset, **params)
     if sampler is not None:
         params["sampler"] = sampler
     params["drop_last"] = args.dataloader_drop_last
     return DataLoader(dataset, **params)
+
+
+def _accelerator_config(args, name: str, default):
+    """A sub-field of transformers' `accelerator_config` (an AcceleratorConfig once TrainingArguments is built)."""
+    config = getattr(args, "accelerator_config", None)
+    return getattr(config, name, default) if config is not None else default
 
 
 class AccumulationWindows:
@@ -274,6 +300,25 @@ class AccumulationWindows:
         from accelerate.data_loader import skip_first_batches
 
         yield from skip_first_batches(self.dataloader, skip)
+
+
+def find_batch_size(hooks, inner_training_loop, resume_from_checkpoint: str | None):
+    """transformers' `find_executable_batch_size` around one training attempt: with `auto_find_batch_size`, an
+    out-of-memory error retries at a smaller per-device batch (accelerate's rule); a resumed run starts at the batch
+    size its checkpoint found, as transformers restores it."""
+    args = hooks.args
+    start = hooks._train_batch_size
+    if args.auto_find_batch_size and resume_from_checkpoint is not None:
+        path = resume_from_checkpoint
+        state_file = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "trainer_state.json")
+        if os.path.isfile(state_file):
+            start = TrainerState.load_from_json(state_file).train_batch_size or start
+
+    def attempt(batch_size, **attempt_kwargs):
+        hooks._train_batch_size = batch_size
+        return inner_training_loop(**attempt_kwargs)
+
+    return find_executable_batch_size(attempt, start, args.auto_find_batch_size)
 
 
 def num_examples(dataloader, args, train_batch_size: int) -> int:

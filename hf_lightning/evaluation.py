@@ -170,4 +170,11 @@ def report(hooks: TrainerHooks, run: RunState, output: EvaluationOutput) -> dict
     else:
         hooks.log(metrics)
         run.on_evaluate(metrics)
+    # after the log, as transformers: in the returned metrics only (and not for evaluations inside train())
+    run.memory.stop_stage(memory_stage(output.description), metrics)
     return metrics
+
+
+def memory_stage(description: str) -> str:
+    """transformers' memory-metric prefix of evaluate() / predict()."""
+    return "test" if description == PREDICTION else "eval"

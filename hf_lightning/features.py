@@ -4,6 +4,8 @@
     activation_checkpointing     ActivationCheckpointing   model.gradient_checkpointing_enable before the strategy wraps it
     tf32                         TF32               torch's TF32 matmul/cuDNN switches on CUDA
     torch_empty_cache_steps      EmptyDeviceCache   the device cache emptied before the backward every N steps
+    bf16_full_eval/fp16_full_eval FullEvalCast      evaluate()/predict() with the model cast to that dtype
+    debug="underflow_overflow"   UnderflowOverflow  transformers' DebugUnderflowOverflow on the model being fitted
 """
 
 from __future__ import annotations
@@ -89,6 +91,35 @@ class EmptyDeviceCache(pl.Callback):
             clear_device_cache()
 
 
+class FullEvalCast(pl.Callback):
+    """`bf16_full_eval` / `fp16_full_eval`: as transformers' `evaluation_loop`, an evaluation or prediction outside
+    training casts the model to the dtype (and leaves it so); evaluations during `train()` run uncast."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def on_validation_start(self, trainer, pl_module):
+        self._cast(trainer, pl_module)
+
+    def on_test_start(self, trainer, pl_module):
+        self._cast(trainer, pl_module)
+
+    def _cast(self, trainer, pl_module):
+        if trainer.state.fn != "fit":
+            pl_module.to(dtype=self.dtype)  # the LightningModule's own dtype record follows the model's
+
+
+class UnderflowOverflow(pl.Callback):
+    """`debug="underflow_overflow"`: transformers' `DebugUnderflowOverflow` hooked on the model when fitting starts
+    (before the strategy wraps it), as transformers attaches it in `train()`; it raises on the first inf/nan."""
+
+    def setup(self, trainer, pl_module, stage):
+        if stage == "fit":
+            from transformers.debug_utils import DebugUnderflowOverflow
+
+            DebugUnderflowOverflow(pl_module.model)
+
+
 def feature_callbacks(args) -> list[pl.Callback]:
     """The callbacks these TrainingArguments switch on."""
     callbacks: list[pl.Callback] = []
@@ -102,6 +133,10 @@ def feature_callbacks(args) -> list[pl.Callback]:
         callbacks.append(TF32(args.tf32))
     if args.torch_empty_cache_steps is not None:
         callbacks.append(EmptyDeviceCache(args.torch_empty_cache_steps))
+    if args.fp16_full_eval or args.bf16_full_eval:
+        callbacks.append(FullEvalCast(torch.float16 if args.fp16_full_eval else torch.bfloat16))
+    if "underflow_overflow" in [str(getattr(option, "value", option)) for option in args.debug or []]:
+        callbacks.append(UnderflowOverflow())
     return callbacks
 
 

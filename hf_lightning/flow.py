@@ -304,6 +304,7 @@ class TrainingFlow(pl.Callback):
         self._last_saved_step = self.run.state.global_step
 
     def on_exception(self, trainer, pl_module, exception):
+        self.run.memory.abandon()  # no peak-sampling thread left running after a failed (or retried) train()
         # The signal came during an in-training evaluation or at an epoch's end, after the step's save point.
         if isinstance(exception, SIGTERMException) and self._jit_checkpoint_due(trainer):
             self._save_jit_checkpoint()
@@ -326,6 +327,7 @@ class TrainingFlow(pl.Callback):
         run.store_flos(trainer.strategy)
         metrics["total_flos"] = state.total_flos
         metrics["train_loss"] = train_loss
+        run.memory.stop_stage("train", metrics)  # skip_memory_metrics=False: transformers' memory metrics
         hooks.log(metrics)
         if run.args.load_best_model_at_end and state.best_model_checkpoint is not None:
             ckpt.load_best_model(hooks.model, state)

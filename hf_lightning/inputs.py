@@ -12,7 +12,7 @@ import transformers
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, default_data_collator
 from transformers.trainer_utils import has_length
 
-from .training_args import check_supported
+from .training_args import apply_accelerator_config, check_supported
 
 
 def resolve_args(args):
@@ -26,6 +26,7 @@ def resolve_args(args):
             f"`args` must be a TrainingArguments instance (hf_lightning's or transformers'), got {type(args).__name__}."
         )
     check_supported(args)
+    apply_accelerator_config(args)
     return args
 
 

@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.strategies import ParallelStrategy
 
 from . import compat
-from .evaluation import EvaluationOutput, EvaluationRun, announce_evaluation
+from .evaluation import EvaluationOutput, EvaluationRun, announce_evaluation, memory_stage
 from .optimizers import OptimizerQuirks
 from .run import RunState, TrainerHooks
 
@@ -100,11 +100,15 @@ class TransformersModule(pl.LightningModule):
         num_items = hooks._get_num_items_in_batch(window, self.device)
         strategy = self.trainer.strategy
         accelerator = hooks.accelerator
+        # accelerator_config.gradient_accumulation_kwargs["sync_each_batch"]: gradients synced on every micro-batch
+        ga_kwargs = getattr(getattr(run.args, "accelerator_config", None), "gradient_accumulation_kwargs", None) or {}
+        sync_each = bool(ga_kwargs.get("sync_each_batch"))
         try:
             for i, inputs in enumerate(window):
                 last = i == len(window) - 1
                 accelerator.sync_gradients = last  # as accelerate's accumulate() tells user code
-                no_sync = strategy.block_backward_sync() if isinstance(strategy, ParallelStrategy) and not last else None
+                skip_sync = isinstance(strategy, ParallelStrategy) and not last and not sync_each
+                no_sync = strategy.block_backward_sync() if skip_sync else None
                 with no_sync or contextlib.nullcontext():
                     loss = hooks.training_step(self.model, inputs, num_items)
                 flow.add_micro_batch(loss, inputs)
@@ -153,6 +157,7 @@ class TransformersModule(pl.LightningModule):
     # ------------------------------------------------------------------ evaluation
 
     def begin_evaluation(self, prefixes: list[str], ignore_keys, description: str) -> None:
+        self.run_state.memory.start_stage(memory_stage(description))  # nested in "train": ignored, as transformers
         self._runs = [EvaluationRun(self.run_state.args, prefix, description, ignore_keys) for prefix in prefixes]
         self.finished_evaluations = []
 

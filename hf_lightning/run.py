@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 from transformers.trainer_callback import CallbackHandler, ExportableState, TrainerControl, TrainerState
-from transformers.trainer_utils import speed_metrics
+from transformers.trainer_utils import TrainerMemoryTracker, speed_metrics
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,7 @@ class TrainerHooks(Protocol):
     compute_metrics: Any
     preprocess_logits_for_metrics: Any
     eval_dataset: Any
+    _train_batch_size: int  # per-device train batch size of this attempt (auto_find_batch_size lowers it)
 
     def create_optimizer_and_scheduler(self, num_training_steps: int) -> None: ...
 
@@ -72,6 +73,40 @@ class TrainerHooks(Protocol):
     def _save_checkpoint(self, model: nn.Module, trial: Any = None) -> None: ...
 
 
+class MemoryMetrics(TrainerMemoryTracker):
+    """transformers' memory metrics (`skip_memory_metrics=False`) with the stage named by the caller.
+
+    transformers' tracker names the stage after the function that calls it (`train`, `evaluate`, ...), which here are
+    Lightning hooks; everything else (what is measured, nesting, the metric names) is transformers'.
+    """
+
+    def __init__(self, skip_memory_metrics: bool):
+        super().__init__(skip_memory_metrics)
+        self._stage: str | None = None
+
+    def derive_stage(self) -> str:
+        return self._stage
+
+    def start_stage(self, stage: str) -> None:
+        """Begin `stage` ("init", "train", "eval", "test"); ignored while another stage (or this one) is measured."""
+        if self.skip_memory_metrics or self.cur_stage is not None:
+            return
+        self._stage = stage
+        self.start()
+
+    def stop_stage(self, stage: str, metrics: dict | None = None) -> None:
+        """End `stage` and add its metrics (with init's, the first time) to `metrics`; ignored for a nested stage."""
+        if self.skip_memory_metrics or self.cur_stage != stage:
+            return
+        self._stage = stage
+        self.stop_and_update_metrics(metrics)
+
+    def abandon(self) -> None:
+        """A stage ended by an exception: stop the peak-sampling thread, report nothing."""
+        if not self.skip_memory_metrics and self.cur_stage is not None:
+            self.stop(self.cur_stage)
+
+
 @dataclass
 class RunState:
     """One Trainer's progress and event dispatch (TrainerState is replaced at each `train()`, the rest lives on)."""
@@ -87,6 +122,12 @@ class RunState:
     # transformers reports `<prefix>_model_preparation_time` when a Trainer's first act is an evaluation
     model_prepared: bool = False
     model_preparation_time: float | None = None
+    memory: MemoryMetrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        # transformers measures its __init__ from here to on_init_end and reports it with the first train/eval/test
+        self.memory = MemoryMetrics(self.args.skip_memory_metrics)
+        self.memory.start_stage("init")
 
     def new_state(self, is_local_process_zero: bool, is_world_process_zero: bool) -> TrainerState:
         self.state = TrainerState(
@@ -99,6 +140,7 @@ class RunState:
     def begin_training(self, plan: TrainingPlan, train_batch_size: int, is_local_process_zero: bool,
                        is_world_process_zero: bool) -> TrainerState:
         """A fresh TrainerState for a `train()`, with the plan's numbers and the logging/eval/save cadences."""
+        self.memory.start_stage("train")  # once per train(): an auto_find_batch_size retry keeps measuring
         state = self.new_state(is_local_process_zero, is_world_process_zero)
         state.train_batch_size = train_batch_size
         state.compute_steps(self.args, plan.max_steps)
@@ -139,6 +181,7 @@ class RunState:
     # ------------------------------------------------------------------ the 16 TrainerCallback events
 
     def on_init_end(self) -> None:
+        self.memory.stop_stage("init")
         self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
 
     def on_train_begin(self) -> None:

@@ -397,25 +397,26 @@ class Trainer:
 
     # ------------------------------------------------------------------ train / evaluate / predict
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None):
         """Train as transformers.Trainer.train does; returns a TrainOutput."""
-        if kwargs:
-            raise TypeError(f"train() got unexpected keyword arguments: {', '.join(kwargs)}.")
         if trial is not None:
             raise ValueError("Hyperparameter search (`trial=`) is not supported by hf_lightning yet.")
         args = self.args
-        self.is_in_train = True
         self._run.model_prepared = True
         if self.model_init is not None:
             enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
             self.model = self.call_model_init()
             self._check_model(self.model)
             self.optimizer, self.lr_scheduler = None, None
-        if self._created_lr_scheduler:  # a schedule this Trainer built ran to its end: a new train() gets a new one
-            self.lr_scheduler, self._created_lr_scheduler = None, False
         apply_log_levels(args)  # `datasets` may have been imported since __init__
         resume_from_checkpoint = ckpt.resolve_resume_path(args, resume_from_checkpoint)
+        inner = hf_data.find_batch_size(self, self._inner_training_loop, resume_from_checkpoint)
+        return inner(args=args, resume_from_checkpoint=resume_from_checkpoint, ignore_keys_for_eval=ignore_keys_for_eval)
 
+    def _inner_training_loop(self, args, resume_from_checkpoint, ignore_keys_for_eval):  # at self._train_batch_size
+        self.is_in_train = True
+        if self._created_lr_scheduler:  # a schedule this Trainer built ran to its end: a new train() gets a new one
+            self.lr_scheduler, self._created_lr_scheduler = None, False
         micro_loader = self.get_train_dataloader()
         hf_data.check_batch_fits_model(self.model, micro_loader, "training")
         windows = hf_data.AccumulationWindows(micro_loader, args.gradient_accumulation_steps)

@@ -48,8 +48,8 @@ FIELD_POLICY: dict[str, tuple[str, str]] = {
     "label_smoothing_factor": (HONOURED, "transformers' LabelSmoother in compute_loss"),
     "bf16": (LIGHTNING, "precision='bf16-mixed'"),
     "fp16": (LIGHTNING, "precision='16-mixed'"),
-    "bf16_full_eval": (UNSUPPORTED, "casting the model for evaluation is not implemented"),
-    "fp16_full_eval": (UNSUPPORTED, "casting the model for evaluation is not implemented"),
+    "bf16_full_eval": (LIGHTNING, "features.FullEvalCast callback: evaluate()/predict() cast the model to bfloat16"),
+    "fp16_full_eval": (LIGHTNING, "features.FullEvalCast callback: evaluate()/predict() cast the model to float16"),
     "tf32": (LIGHTNING, "features.TF32 callback: torch.backends.cuda.matmul / cudnn allow_tf32"),
     "activation_checkpointing": (LIGHTNING, "features.ActivationCheckpointing callback: gradient_checkpointing_enable"),
     "activation_checkpointing_kwargs": (LIGHTNING, "features.ActivationCheckpointing callback"),
@@ -63,7 +63,8 @@ FIELD_POLICY: dict[str, tuple[str, str]] = {
     "use_cache": (HONOURED, "model.config.use_cache"),
     "neftune_noise_alpha": (LIGHTNING, "features.NEFTune callback: transformers' noise hook while fitting"),
     "torch_empty_cache_steps": (LIGHTNING, "features.EmptyDeviceCache callback: cache emptied every N steps"),
-    "auto_find_batch_size": (UNSUPPORTED, "not implemented yet"),
+    "auto_find_batch_size": (HONOURED, "train() retried at a smaller batch on out-of-memory (transformers' "
+                             "find_executable_batch_size); TrainerState.train_batch_size restored on resume"),
     "logging_strategy": (HONOURED, "DefaultFlowCallback sets should_log"),
     "logging_steps": (HONOURED, "TrainerState.logging_steps (int or ratio)"),
     "logging_first_step": (HONOURED, "DefaultFlowCallback"),
@@ -86,7 +87,8 @@ FIELD_POLICY: dict[str, tuple[str, str]] = {
     "prediction_loss_only": (HONOURED, "prediction_step"),
     "eval_on_start": (HONOURED, "an evaluation right after on_train_begin"),
     "eval_do_concat_batches": (HONOURED, "transformers' EvalLoopContainer"),
-    "eval_use_gather_object": (UNSUPPORTED, "not implemented yet"),
+    "eval_use_gather_object": (HONOURED, "no gather in one process (as transformers); under DDP every process "
+                               "evaluates the whole set, so nothing is gathered either"),
     "eval_accumulation_steps": (HONOURED, "predictions moved to CPU every N eval batches"),
     "include_for_metrics": (HONOURED, "EvalPrediction(inputs=..., losses=...)"),
     "batch_eval_metrics": (HONOURED, "compute_metrics(..., compute_result=) per batch"),
@@ -112,7 +114,9 @@ FIELD_POLICY: dict[str, tuple[str, str]] = {
     "seed": (HONOURED, "transformers.set_seed in __init__ and train()"),
     "data_seed": (HONOURED, "seed of the shuffling sampler"),
     "use_cpu": (LIGHTNING, "accelerator='cpu'"),
-    "accelerator_config": (UNSUPPORTED, "accelerate's dataloader options: only the default is implemented"),
+    "accelerator_config": (HONOURED, "data.py samplers/shards (split_batches, even_batches, use_seedable_sampler); "
+                           "gradient_accumulation_kwargs num_steps / sync_each_batch; non_blocking (Lightning copies "
+                           "to accelerators non-blocking anyway); other sub-fields refused by check_accelerator_config"),
     "parallelism_config": (UNSUPPORTED, "use lightning_trainer_kwargs={'strategy': ...}"),
     "dataloader_drop_last": (HONOURED, "DataLoader(drop_last=...)"),
     "dataloader_num_workers": (HONOURED, "DataLoader(num_workers=...)"),
@@ -134,8 +138,8 @@ FIELD_POLICY: dict[str, tuple[str, str]] = {
     "fsdp": (UNSUPPORTED, "sharded strategies are not supported yet (checkpoints need a sharded-state save)"),
     "fsdp_config": (UNSUPPORTED, "sharded strategies are not supported yet"),
     "deepspeed": (UNSUPPORTED, "sharded strategies are not supported yet"),
-    "debug": (UNSUPPORTED, "not implemented yet"),
-    "skip_memory_metrics": (UNSUPPORTED, "memory metrics are not implemented yet"),
+    "debug": (LIGHTNING, "features.UnderflowOverflow callback ('underflow_overflow'); 'tpu_metrics_debug' refused"),
+    "skip_memory_metrics": (HONOURED, "transformers' TrainerMemoryTracker (run.MemoryMetrics): *_mem_* metrics"),
     "do_train": (HONOURED, "read by scripts, not by the Trainer (as transformers)"),
     "do_eval": (HONOURED, "read by scripts, not by the Trainer (as transformers)"),
     "do_predict": (HONOURED, "read by scripts, not by the Trainer (as transformers)"),
@@ -192,10 +196,6 @@ def _is_default(name: str, value: Any) -> bool:
     # transformers normalises some defaults in __post_init__ (None -> [] / {} / enum).
     if value in (None, [], {}, "", "no", "none") and default in (None, [], {}, "", "no", "none"):
         return True
-    if name == "accelerator_config":
-        return value == transformers.trainer_pt_utils.AcceleratorConfig() if value is not None else True
-    if name == "debug":
-        return not value
     return False
 
 
@@ -213,6 +213,65 @@ def check_supported(args: transformers.TrainingArguments) -> None:
         refused = REFUSED_VALUES.get(name, ())
         if value in refused:
             raise ValueError(f"TrainingArguments.{name}={value!r} is not supported by hf_lightning yet.")
+    if "tpu_metrics_debug" in [str(getattr(option, "value", option)) for option in args.debug or []]:
+        raise ValueError(
+            "TrainingArguments.debug='tpu_metrics_debug' is not supported by hf_lightning (no TPU/XLA strategy); "
+            "'underflow_overflow' is."
+        )
+    check_accelerator_config(args)
+
+
+# accelerate's GradientAccumulationPlugin options: transformers steps the scheduler and sets sync_gradients itself,
+# so these two change nothing there, nor here.
+_NO_EFFECT_GA_KWARGS = {"adjust_scheduler", "sync_with_dataloader"}
+
+
+def check_accelerator_config(args: transformers.TrainingArguments) -> None:
+    """Refuse the `accelerator_config` sub-fields that have no meaning here, naming each one."""
+    config = getattr(args, "accelerator_config", None)
+    if config is None:
+        return
+    if config.dispatch_batches:
+        raise ValueError(
+            "TrainingArguments.accelerator_config.dispatch_batches=True is not supported by hf_lightning: every "
+            "process loads its own shard (Lightning's DDP). Leave dispatch_batches unset."
+        )
+    if getattr(config, "use_configured_state", False):
+        raise ValueError(
+            "TrainingArguments.accelerator_config.use_configured_state=True is not supported by hf_lightning: "
+            "Lightning's strategy sets up the processes. Leave it False."
+        )
+    unknown = set(config.gradient_accumulation_kwargs or {}) - {"num_steps", "sync_each_batch"} - _NO_EFFECT_GA_KWARGS
+    if unknown:
+        raise ValueError(
+            f"TrainingArguments.accelerator_config.gradient_accumulation_kwargs has unknown keys {sorted(unknown)}; "
+            "accelerate's GradientAccumulationPlugin takes num_steps, adjust_scheduler, sync_with_dataloader, "
+            "sync_each_batch."
+        )
+    num_steps = (config.gradient_accumulation_kwargs or {}).get("num_steps")
+    if num_steps is not None and args.gradient_accumulation_steps > 1 and num_steps != args.gradient_accumulation_steps:
+        raise ValueError(
+            "TrainingArguments.accelerator_config.gradient_accumulation_kwargs['num_steps'] is set but "
+            "gradient_accumulation_steps is greater than 1: set only one of them."
+        )
+
+
+def apply_accelerator_config(args: transformers.TrainingArguments) -> None:
+    """What transformers' Trainer writes back into its args: gradient_accumulation_kwargs['num_steps'] becomes
+    `gradient_accumulation_steps` (transformers accumulates itself); `non_blocking` without pinned memory warns."""
+    config = getattr(args, "accelerator_config", None)
+    if config is None:
+        return
+    num_steps = (config.gradient_accumulation_kwargs or {}).get("num_steps")
+    if num_steps is not None:
+        args.gradient_accumulation_steps = num_steps
+    if config.non_blocking and not args.dataloader_pin_memory:
+        import logging
+
+        logging.getLogger("transformers.trainer").warning(
+            "`non_blocking` is enabled but `dataloader_pin_memory` is not. For the best performance, it's "
+            "recommended to enable both."
+        )
 
 
 def _precision(args: transformers.TrainingArguments) -> str:

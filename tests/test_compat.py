@@ -148,7 +148,8 @@ def test_private_names_of_other_libraries_appear_in_compat_only():
     transformers hooks a subclass overrides (TrainerHooks' `_get_num_items_in_batch`, ...)."""
     from hf_lightning.run import TrainerHooks
 
-    hooks = {name for name in vars(TrainerHooks) if name.startswith("_") and not name.startswith("__")}
+    members = set(vars(TrainerHooks)) | set(TrainerHooks.__annotations__)  # methods and annotated attributes
+    hooks = {name for name in members if name.startswith("_") and not name.startswith("__")}
     found = []
     for path in PACKAGE.glob("*.py"):
         if path.name == "compat.py":

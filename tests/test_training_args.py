@@ -27,11 +27,8 @@ def test_every_transformers_field_is_classified():
 UNSUPPORTED_EXAMPLES = {
     "torch_compile": True,
     "use_liger_kernel": True,
-    "auto_find_batch_size": True,
     "push_to_hub": True,
     "fsdp": "full_shard",
-    "skip_memory_metrics": False,
-    "eval_use_gather_object": True,
 }
 
 
