@@ -100,11 +100,12 @@ def _model_wrapped(self):
     """The outermost model: what Lightning's strategy wraps (e.g. DistributedDataParallel around the LightningModule
     that holds `model`) while and after a `train()` that wrapped it, else `model` itself, as in transformers."""
     lightning_trainer, module = self.lightning_trainer, self.lightning_module
-    if lightning_trainer is not None and module is not None and module.model is self.model:
-        wrapped = lightning_trainer.strategy.model
-        if wrapped is not None and wrapped is not module:
-            return wrapped
-    return self.model
+    if module is None or module.model is not self.model:
+        return self.model
+    wrapped = lightning_trainer.strategy.model if lightning_trainer is not None else None
+    if wrapped is None or wrapped is module:  # not training now: the wrapper of the last train(), if any
+        wrapped = getattr(module.flow, "model_wrapped", None)
+    return self.model if wrapped is None or wrapped is module else wrapped
 
 
 def _is_model_parallel(self) -> bool:

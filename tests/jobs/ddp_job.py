@@ -10,6 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import torch
 import transformers
 
 import hf_lightning
@@ -28,6 +29,18 @@ if len(sys.argv) > 3 and sys.argv[3] == "neftune":  # NEFTune on a model that DD
     probe.remove()
     print("NEFTUNE", all(noisy) and len(noisy) > 0, len(embeddings._forward_hooks) == 0,
           trainer.lightning_trainer.strategy.__class__.__name__)
+    # model_wrapped: the strategy's DDP wrapper (around the LightningModule holding the model); model stays unwrapped,
+    # and a second train() wraps the same module once, not the previous wrapper.
+    ddp = torch.nn.parallel.DistributedDataParallel
+    first = trainer.model_wrapped
+    trainer.train()
+    second = trainer.model_wrapped
+    with torch.no_grad():  # called, the wrapper runs the model's forward (both ranks: DDP syncs buffers)
+        ids = torch.tensor([[1, 2, 3, 4]])
+        same_output = torch.equal(second(input_ids=ids).logits, model(input_ids=ids).logits)
+    print("WRAPPED", isinstance(first, ddp) and isinstance(second, ddp) and same_output, first.module.model is model,
+          second.module is trainer.lightning_module and second.module.model is model,
+          not isinstance(second.module, ddp), trainer.model is model)
     sys.exit(0)
 if len(sys.argv) > 3 and sys.argv[3] == "layerwise":  # transformers refuses layer-wise optimizers under DDP
     args = hf_lightning.TrainingArguments(output_dir, optim="galore_adamw_layerwise", optim_target_modules=["mlp"],
