@@ -90,9 +90,10 @@ BORROWED = (
 # Attributes transformers sets in __init__ whose value is fixed here: Lightning runs no DeepSpeed/FSDP plugin of
 # transformers (refused by the field table), no hub repository or hyperparameter search exists yet.
 CONSTANTS = {
-    "deepspeed": None, "is_deepspeed_enabled": False, "is_fsdp_enabled": False, "is_fsdp_xla_enabled": False,
-    "is_fsdp_xla_v1_enabled": False, "is_fsdp_xla_v2_enabled": False, "hub_model_id": None, "hp_name": None,
+    "deepspeed": None, "is_deepspeed_enabled": False, "is_fsdp_enabled": False, "hub_model_id": None, "hp_name": None,
     "hp_search_backend": None,
+    # transformers' values without `fsdp` (`args.fsdp and ...`): None, not False
+    "is_fsdp_xla_enabled": None, "is_fsdp_xla_v1_enabled": None, "is_fsdp_xla_v2_enabled": None,
 }
 
 
