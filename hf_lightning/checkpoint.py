@@ -80,6 +80,12 @@ def sorted_checkpoints(output_dir: str) -> list[str]:
 # ---------------------------------------------------------------------- saving
 
 
+def load_checkpoint_weights(model, folder: str) -> None:
+    """A `checkpoint-N/` folder's weights into `model`, refused with a clear error if they do not fit it
+    (transformers' `Trainer._load_from_checkpoint`)."""
+    _load_weights(model, folder)
+
+
 def save_model_folder(hooks: TrainerHooks, output_dir: str) -> None:
     """save_pretrained (or safetensors for a plain nn.Module), the processing class and training_args.bin.
 

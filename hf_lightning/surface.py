@@ -26,6 +26,21 @@ from . import checkpoint as ckpt
 _HUB = ("save the model with `trainer.save_model(dir)` and upload it with `huggingface_hub.upload_folder(repo_id=..., "
         "folder_path=dir)` (or `trainer.model.push_to_hub(repo_id)`); hub integration in the Trainer is planned")
 
+_LOG_SAVE_EVALUATE = (
+    "log → evaluate → save runs inside Lightning's loop (hf_lightning/flow.py), driven by TrainerControl; "
+    "react to it with a TrainerCallback (on_log, on_evaluate, on_save) or set control.should_log/"
+    "should_evaluate/should_save from one"
+)
+_EVALUATION_LOOP = (
+    "evaluation runs in Lightning's validation/test loop; call `trainer.evaluate(eval_dataset)` for metrics or "
+    "`trainer.predict(dataset)` for predictions, label_ids and metrics"
+)
+_ACCELERATOR = (
+    "there is no accelerate Accelerator to create: Lightning's Trainer owns devices, precision and strategy. "
+    "Pass Lightning options through `TrainingArguments(lightning_trainer_kwargs={...})`; `trainer.accelerator` "
+    "answers accelerate's calls from the Lightning strategy"
+)
+
 REFUSED: dict[str, str] = {
     "hyperparameter_search": (
         "hyperparameter search drives transformers' own loop through optuna/ray/wandb callbacks; until hf_lightning "
@@ -34,34 +49,23 @@ REFUSED: dict[str, str] = {
     ),
     "push_to_hub": _HUB,
     "init_hf_repo": _HUB,
-    "create_accelerator_and_postprocess": (
-        "there is no accelerate Accelerator to create: Lightning's Trainer owns devices, precision and strategy. "
-        "Pass Lightning options through `TrainingArguments(lightning_trainer_kwargs={...})`; `trainer.accelerator` "
-        "answers accelerate's calls from the Lightning strategy"
-    ),
-    "evaluation_loop": (
-        "evaluation runs in Lightning's validation/test loop; call `trainer.evaluate(eval_dataset)` for metrics or "
-        "`trainer.predict(dataset)` for predictions, label_ids and metrics"
-    ),
-    "_maybe_log_save_evaluate": (
-        "log → evaluate → save runs inside Lightning's loop (hf_lightning/flow.py), driven by TrainerControl; "
-        "react to it with a TrainerCallback (on_log, on_evaluate, on_save) or set control.should_log/"
-        "should_evaluate/should_save from one"
-    ),
+    "create_accelerator_and_postprocess": _ACCELERATOR,
+    "evaluation_loop": _EVALUATION_LOOP,
+    "_maybe_log_save_evaluate": _LOG_SAVE_EVALUATE,
 }
 
 # transformers hooks that hf_lightning defines but whose override Lightning's loop never calls, with what to use.
 NOT_CALLED: dict[str, str] = {
-    "_maybe_log_save_evaluate": REFUSED["_maybe_log_save_evaluate"],
+    "_maybe_log_save_evaluate": _LOG_SAVE_EVALUATE,
     "_evaluate": "in-training evaluations run in Lightning's validation loop; override `evaluate` only for direct "
                  "calls, or use a TrainerCallback's on_evaluate",
-    "evaluation_loop": REFUSED["evaluation_loop"],
+    "evaluation_loop": _EVALUATION_LOOP,
     "_wrap_model": "Lightning's strategy wraps the model (DDP ...); choose it with "
                    "`lightning_trainer_kwargs={'strategy': ...}`",
     "_load_from_checkpoint": "resumes restore weights in hf_lightning/checkpoint.py",
     "get_batch_samples": "Lightning iterates gradient-accumulation windows built by hf_lightning/data.py",
     "set_initial_training_values": "hf_lightning/data.py's training_plan computes the run's numbers",
-    "create_accelerator_and_postprocess": REFUSED["create_accelerator_and_postprocess"],
+    "create_accelerator_and_postprocess": _ACCELERATOR,
 }
 
 
@@ -141,7 +145,7 @@ def _wrap_model(self, model, training: bool = True, dataloader=None):
 
 def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
     """Load a `checkpoint-N/` folder's weights into `model` (default: `self.model`), checked to fit it."""
-    ckpt._load_weights(self.model if model is None else model, resume_from_checkpoint)
+    ckpt.load_checkpoint_weights(self.model if model is None else model, resume_from_checkpoint)
 
 
 def _refused(name: str, message: str):
