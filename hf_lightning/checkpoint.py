@@ -62,17 +62,21 @@ def resolve_resume_path(args, resume_from_checkpoint) -> str | None:
             _clean_interrupted_saves(args.output_dir)
         path = _last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
         if path is None:
-            raise ValueError(
-                f"resume_from_checkpoint=True but no checkpoint-N folder was found in output_dir={args.output_dir!r}."
+            raise ValueError(  # transformers' message first, so code matching it keeps working
+                f"No valid checkpoint found in output directory ({args.output_dir}): resume_from_checkpoint=True but "
+                "no checkpoint-N folder was found there."
             )
         return path
     path = os.fspath(resume_from_checkpoint)
     if not os.path.exists(path):
-        raise ValueError(f"resume_from_checkpoint={path!r} does not exist.")
+        raise ValueError(f"Can't find a valid checkpoint at {path}: resume_from_checkpoint={path!r} does not exist.")
     if os.path.isdir(path) and not (
         os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)) or os.path.isfile(os.path.join(path, LIGHTNING_CKPT_NAME))
     ):
-        raise ValueError(f"resume_from_checkpoint={path!r} is not a checkpoint folder: it has no {TRAINER_STATE_NAME}.")
+        raise ValueError(
+            f"Can't find a valid checkpoint at {path}: resume_from_checkpoint={path!r} is not a checkpoint folder "
+            f"(it has no {TRAINER_STATE_NAME})."
+        )
     return path
 
 
@@ -81,6 +85,12 @@ def sorted_checkpoints(output_dir: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------- saving
+
+
+def load_checkpoint_weights(model, folder: str) -> None:
+    """A `checkpoint-N/` folder's weights into `model`, refused with a clear error if they do not fit it
+    (transformers' `Trainer._load_from_checkpoint`)."""
+    _load_weights(model, folder)
 
 
 def save_model_folder(hooks: TrainerHooks, output_dir: str, final_dir: str | None = None) -> None:

@@ -90,8 +90,8 @@ def _preserved_rng():
 
 def check_batch_fits_model(model, dataloader: DataLoader, description: str) -> None:
     """Fail before training when the collated rows lack what the model's forward needs."""
-    dataset = dataloader.dataset
-    if isinstance(dataset, IterableDataset) or not has_length(dataset) or len(dataset) == 0:
+    dataset = getattr(dataloader, "dataset", None)  # an overridden get_train_dataloader may return any iterable
+    if dataset is None or not hasattr(dataloader, "collate_fn") or isinstance(dataset, IterableDataset) or not has_length(dataset) or len(dataset) == 0:
         return  # a stream is never consumed ahead of training
     with _preserved_rng():
         batch = dataloader.collate_fn([dataset[0]])
@@ -181,6 +181,25 @@ def eval_sampler(args, dataset):
     return SequentialSampler(dataset) if has_length(dataset) else None
 
 
+class TrainerDataLoader(DataLoader):
+    """A DataLoader with what user code reads off accelerate's prepared loaders (transformers' Trainer returns those):
+    `total_batch_size` (rows per step over all processes) and `total_dataset_length`."""
+
+    @property
+    def total_batch_size(self) -> int:
+        batch_sampler = self.batch_sampler
+        inner = getattr(batch_sampler, "batch_sampler", None)  # accelerate's BatchSamplerShard
+        if inner is not None:
+            return inner.batch_size * getattr(batch_sampler, "num_processes", 1)
+        if batch_sampler is not None:
+            return batch_sampler.batch_size
+        return self.batch_size * getattr(self.dataset, "num_processes", 1)  # an IterableDatasetShard
+
+    @property
+    def total_dataset_length(self) -> int:
+        return getattr(self.dataset, "total_length", None) or len(self.dataset)
+
+
 def make_dataloader(args, dataset, collate_fn, batch_size: int, sampler, is_training: bool) -> DataLoader:
     """A DataLoader with the parameters transformers' `Trainer._get_dataloader` uses."""
     params: dict[str, Any] = {
@@ -208,7 +227,7 @@ def make_dataloader(args, dataset, collate_fn, batch_size: int, sampler, is_trai
                 dataset, batch_size=batch_size, drop_last=args.dataloader_drop_last,
                 num_processes=args.world_size, process_index=args.process_index, seed=args.seed,
             )
-        return DataLoader(dataset, **params)
+        return TrainerDataLoader(dataset, **params)
     if is_training:
         params["worker_init_fn"] = partial(seed_worker, num_workers=args.dataloader_num_workers, rank=args.process_index)
     if shard:
@@ -228,11 +247,11 @@ def make_dataloader(args, dataset, collate_fn, batch_size: int, sampler, is_trai
             batches, args.world_size, args.process_index, split_batches=_accelerator_config(args, "split_batches", False),
             even_batches=_accelerator_config(args, "even_batches", True),
         )
-        return DataLoader(dataset, **params)
+        return TrainerDataLoader(dataset, **params)
     if sampler is not None:
         params["sampler"] = sampler
     params["drop_last"] = args.dataloader_drop_last
-    return DataLoader(dataset, **params)
+    return TrainerDataLoader(dataset, **params)
 
 
 def _accelerator_config(args, name: str, default):
@@ -265,7 +284,7 @@ class AccumulationWindows:
 
     @property
     def dataset(self):
-        return self.dataloader.dataset
+        return getattr(self.dataloader, "dataset", None)
 
     @property
     def micro_batches_per_epoch(self) -> int | None:

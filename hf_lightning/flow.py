@@ -134,6 +134,10 @@ class TrainingFlow(pl.Callback):
         self.start_time = time.time()
         run.on_train_begin()
 
+    def on_train_start(self, trainer, pl_module):
+        # transformers' `model_wrapped` stays the wrapper after training; Lightning's strategy drops it at teardown.
+        self.model_wrapped = trainer.strategy.model
+
     def on_sanity_check_start(self, trainer, pl_module):
         # eval_on_start runs as Lightning's sanity check over the whole eval set (num_sanity_val_steps=-1).
         self._begin_evaluation("start")

@@ -7,10 +7,12 @@ passes `callback=[...]`; transformers 5.24 fails on both, hf_lightning accepts t
 from __future__ import annotations
 
 import logging
+import warnings
 
 import transformers
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, default_data_collator
-from transformers.trainer_utils import has_length
+from transformers.trainer_pt_utils import LabelSmoother
+from transformers.trainer_utils import SaveStrategy, has_length
 
 from .training_args import apply_accelerator_config, check_supported
 
@@ -81,3 +83,23 @@ def check_trainer_inputs(args, train_dataset, eval_dataset, optimizer, optimizer
         )
     if optimizer is not None and optimizer_cls_and_kwargs is not None:
         raise RuntimeError("Pass either `optimizers` or `optimizer_cls_and_kwargs`, not both.")
+    if (args.save_strategy == SaveStrategy.BEST or args.load_best_model_at_end) and args.metric_for_best_model is None:
+        raise ValueError(  # transformers' message (its _validate_args)
+            "`args.metric_for_best_model` must be provided when using 'best' save_strategy or if "
+            "`args.load_best_model_at_end` is set to `True`."
+        )
+
+
+def label_smoother(model, args) -> LabelSmoother | None:
+    """transformers' LabelSmoother for `label_smoothing_factor`, switched off with its warning for a multi-label
+    model (label smoothing assumes one class per row)."""
+    if args.label_smoothing_factor == 0:
+        return None
+    if getattr(getattr(model, "config", None), "problem_type", None) == "multi_label_classification":
+        warnings.warn(
+            "Label smoothing is not compatible with multi-label classification. "
+            "Disabling label smoothing for this training run.",
+            UserWarning,
+        )
+        return None
+    return LabelSmoother(epsilon=args.label_smoothing_factor)

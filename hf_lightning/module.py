@@ -56,6 +56,10 @@ class TransformersModule(pl.LightningModule):
         """The hf_lightning.Trainer this module belongs to (its `state`, `control`, `args`), for Lightning callbacks."""
         return self.hooks
 
+    def forward(self, *args, **kwargs):
+        """The model's forward: what the strategy's wrapper (`trainer.model_wrapped`, e.g. DDP) runs when called."""
+        return self.model(*args, **kwargs)
+
     def train_dataloader(self):
         """The windows train() set up, so that a plain `lightning_trainer.fit(lightning_module, ckpt_path=...)`
         continues the same run."""

@@ -20,6 +20,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.trainer_pt_utils import LabelSmoother, nested_detach
 from transformers.utils.generic import can_return_loss, find_labels
 
+from . import inputs
+
 
 @dataclass(frozen=True)
 class ModelTraits:
@@ -55,7 +57,7 @@ def inspect_model(model: nn.Module, args) -> ModelTraits:
         can_return_loss=can_return_loss(model.__class__),
         loss_shifts_labels=LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss
         and not getattr(config, "is_encoder_decoder", False),
-        label_smoother=LabelSmoother(epsilon=args.label_smoothing_factor) if args.label_smoothing_factor != 0 else None,
+        label_smoother=inputs.label_smoother(model, args),
     )
 
 

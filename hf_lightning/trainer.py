@@ -20,18 +20,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from transformers.modeling_utils import PreTrainedModel
 from transformers.trainer_callback import DefaultFlowCallback, TrainerControl, TrainerState
-from transformers.trainer_pt_utils import (
-    LayerWiseDummyOptimizer,
-    get_parameter_names,
-    log_metrics,
-    metrics_format,
-    save_metrics,
-    save_state,
-)
+from transformers.trainer_pt_utils import LayerWiseDummyOptimizer, get_parameter_names
 from transformers.trainer_utils import PredictionOutput, enable_full_determinism, set_seed
 
 from . import checkpoint as ckpt
-from . import compat, evaluation, inputs, interrupts, progress, steps
+from . import compat, evaluation, inputs, interrupts, progress, steps, surface
 from . import data as hf_data
 from . import optimizers as hf_optimizers
 from .accelerator import LightningAccelerator
@@ -66,12 +59,6 @@ class Trainer:
     # by the window's micro-batch count), one that normalises over the whole window sets True; None = decide.
     loss_is_scaled_for_ga: bool | None = None
 
-    # transformers' helpers that are written as Trainer methods.
-    log_metrics = log_metrics
-    metrics_format = metrics_format
-    save_metrics = save_metrics
-    save_state = save_state
-
     # transformers' attributes of the run, kept in the shared RunState.
     state: TrainerState = shared_attribute("state", "transformers' TrainerState of the current run.")
     control: TrainerControl = shared_attribute("control", "transformers' TrainerControl.")
@@ -101,6 +88,7 @@ class Trainer:
         callback: list | None = None,
     ):
         self.args = args = inputs.resolve_args(args)
+        surface.check_overrides(type(self))
         enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
         apply_log_levels(args)
         processing_class, callbacks = inputs.resolve_aliases(processing_class, tokenizer, callbacks, callback)
@@ -360,7 +348,8 @@ class Trainer:
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
         main_input = getattr(self.model, "main_input_name", "input_ids")
         if main_input in inputs and hasattr(self.model, "num_parameters"):
-            return 6 * inputs[main_input].numel() * self._num_parameters_no_embeddings
+            num_parameters = self._num_parameters_no_embeddings or self.model.num_parameters(exclude_embeddings=True)
+            return 6 * inputs[main_input].numel() * num_parameters
         return 0
 
     # ------------------------------------------------------------------ logging
@@ -491,3 +480,6 @@ class Trainer:
 
     def _save_checkpoint(self, model=None, trial=None) -> None:
         ckpt.save_checkpoint(self, self._run, self.lightning_trainer)
+
+
+surface.apply(Trainer)

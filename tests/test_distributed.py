@@ -111,4 +111,5 @@ def test_neftune_on_a_ddp_wrapped_model(tmp_path):
     out = torchrun("hl", tmp_path / "neftune", "neftune")
     # On both ranks: the NEFTune hook was on the embeddings during training, removed after, under DDPStrategy.
     assert out.count("NEFTUNE True True DDPStrategy") == 2, out[-2000:]
+    assert out.count("WRAPPED True True True True True") == 2, out[-2000:]
 

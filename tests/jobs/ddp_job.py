@@ -10,6 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import torch
 import transformers
 
 import hf_lightning
@@ -26,8 +27,22 @@ if len(sys.argv) > 3 and sys.argv[3] == "neftune":  # NEFTune on a model that DD
     probe = embeddings.register_forward_hook(lambda mod, inp, out: noisy.append(len(mod._forward_hooks) > 1))
     trainer.train()
     probe.remove()
-    print("NEFTUNE", all(noisy) and len(noisy) > 0, len(embeddings._forward_hooks) == 0,
-          trainer.lightning_trainer.strategy.__class__.__name__)
+    # one string, flushed: a single write() that rank 0's progress bar cannot split
+    print(f"NEFTUNE {all(noisy) and len(noisy) > 0} {len(embeddings._forward_hooks) == 0} "
+          f"{trainer.lightning_trainer.strategy.__class__.__name__}", flush=True)
+    # model_wrapped: the strategy's DDP wrapper (around the LightningModule holding the model); model stays unwrapped,
+    # and a second train() wraps the same module once, not the previous wrapper.
+    ddp = torch.nn.parallel.DistributedDataParallel
+    first = trainer.model_wrapped
+    trainer.train()
+    second = trainer.model_wrapped
+    with torch.no_grad():  # called, the wrapper runs the model's forward (both ranks: DDP syncs buffers)
+        ids = torch.tensor([[1, 2, 3, 4]])
+        same_output = torch.equal(second(input_ids=ids).logits, model(input_ids=ids).logits)
+    checks = (isinstance(first, ddp) and isinstance(second, ddp) and same_output, first.module.model is model,
+              second.module is trainer.lightning_module and second.module.model is model,
+              not isinstance(second.module, ddp), trainer.model is model)
+    print("WRAPPED " + " ".join(map(str, checks)), flush=True)
     sys.exit(0)
 if len(sys.argv) > 3 and sys.argv[3] == "layerwise":  # transformers refuses layer-wise optimizers under DDP
     args = hf_lightning.TrainingArguments(output_dir, optim="galore_adamw_layerwise", optim_target_modules=["mlp"],
