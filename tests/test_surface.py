@@ -276,9 +276,7 @@ def test_a_transformers_example_script_runs_with_only_the_import_changed(tmp_pat
         out = tmp_path / framework
         assert os.path.isfile(out / "README.md") and os.path.isfile(out / "trainer_state.json")
         results[framework] = {name: json.load(open(out / f"{name}_results.json")) for name in ("train", "eval", "all")}
-    # total_flos: missing from hf_lightning's train metrics until issue #12's PrinterCallback fix lands (not here)
-    stable = lambda metrics: {k: v for k, v in metrics.items()  # noqa: E731
-                              if not any(s in k for s in VOLATILE) and k != "total_flos"}
+    stable = lambda metrics: {k: v for k, v in metrics.items() if not any(s in k for s in VOLATILE)}  # noqa: E731
     for name in ("train", "eval", "all"):
         hf, hl = stable(results["transformers"][name]), stable(results["hf_lightning"][name])
         assert hl.keys() == hf.keys(), name
