@@ -478,6 +478,11 @@ class LightningAccelerator:
         accelerate also drops the samples its own dataloader duplicated to even out the last batch across processes.
         hf_lightning's dataloaders are not accelerate's: nothing is dropped here, so a caller that padded its last
         batch truncates the result to the dataset length itself."""
+        trainer = self._get_trainer()
+        if trainer is not None and (trainer.validating or trainer.testing or trainer.sanity_checking):
+            # hf_lightning's evaluation runs the whole eval set on every process (it is not sharded): each process
+            # already holds every sample, and gathering would count each one `num_processes` times.
+            return input_data
         try:
             recursively_apply(lambda x: x, input_data, error_on_other_type=True)
             all_tensors = True

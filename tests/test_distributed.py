@@ -73,6 +73,7 @@ def test_ddp_eval_loss_is_the_single_process_value(ddp_runs, tmp_path):
     args = hf_lightning.TrainingArguments(str(tmp_path), report_to="none", use_cpu=True)
     metrics = hf_lightning.Trainer(model, args=args, eval_dataset=lm_dataset(6, seed=5)).evaluate()
     assert metrics["eval_loss"] == pytest.approx([e for e in hl if "eval_loss" in e][-1]["eval_loss"], rel=1e-5)
+    assert [e["eval_rows"] for e in hl if "eval_rows" in e] == [6.0, 6.0]  # not 12: gathered once, not per process
 
 
 def test_log_level_and_replica_level(ddp_runs):
@@ -113,3 +114,19 @@ def test_neftune_on_a_ddp_wrapped_model(tmp_path):
     assert out.count("NEFTUNE True True DDPStrategy") == 2, out[-2000:]
     assert out.count("WRAPPED True True True True True") == 2, out[-2000:]
 
+
+
+def test_a_subclass_on_the_accelerator_under_ddp(tmp_path):
+    """training_step calling self.accelerator.backward trains as on transformers under DDP; gather_for_metrics in its
+    prediction_step leaves each sample counted once (hf_lightning evaluates the whole set on every process)."""
+    torchrun("hf", tmp_path / "hf", "accelerate_style")
+    torchrun("hl", tmp_path / "hl", "accelerate_style")
+    hf = json.load(open(tmp_path / "hf" / "history.json"))
+    hl = json.load(open(tmp_path / "hl" / "history.json"))
+    train = lambda history: [e for e in history if "eval_loss" not in e]  # noqa: E731
+    assert_same_history(train(hf), train(hl))
+    model = type(tiny_llama()).from_pretrained(tmp_path / "hl" / "final")
+    args = hf_lightning.TrainingArguments(str(tmp_path / "single"), report_to="none", use_cpu=True)
+    metrics = hf_lightning.Trainer(model, args=args, eval_dataset=lm_dataset(6, seed=5)).evaluate()
+    assert metrics["eval_loss"] == pytest.approx([e for e in hl if "eval_loss" in e][-1]["eval_loss"], rel=1e-5)
+    assert [e["eval_rows"] for e in hl if "eval_rows" in e] == [6.0, 6.0]  # not 12: gathered once, not per process

@@ -54,13 +54,21 @@ if len(sys.argv) > 3 and sys.argv[3] == "layerwise":  # transformers refuses lay
         sys.exit(0)
     sys.exit(1)
 trainer_cls = transformers.Trainer if framework == "hf" else hf_lightning.Trainer
+if len(sys.argv) > 3 and sys.argv[3] == "accelerate_style":  # a TRL-style subclass on trainer.accelerator
+    from test_accelerator import _accelerate_style
+
+    trainer_cls = _accelerate_style(trainer_cls)
 args_cls = transformers.TrainingArguments if framework == "hf" else hf_lightning.TrainingArguments
 args = args_cls(
     output_dir, per_device_train_batch_size=2, gradient_accumulation_steps=2, num_train_epochs=2, logging_steps=1,
     learning_rate=5e-3, eval_strategy="epoch", save_strategy="epoch", report_to="none", disable_tqdm=True,
     use_cpu=True, seed=3, log_level="info", log_level_replica="error", ddp_backend="gloo",
 )
-trainer = trainer_cls(tiny_llama(), args=args, train_dataset=lm_dataset(22), eval_dataset=lm_dataset(6, seed=5))
+extra = {}
+if len(sys.argv) > 3 and sys.argv[3] == "accelerate_style":  # how many eval rows reach compute_metrics
+    extra["compute_metrics"] = lambda prediction: {"rows": float(len(prediction.label_ids))}
+trainer = trainer_cls(tiny_llama(), args=args, train_dataset=lm_dataset(22), eval_dataset=lm_dataset(6, seed=5),
+                      **extra)
 trainer.train()
 rank = int(os.environ["RANK"])
 levels = {name: logging.getLogger(name).getEffectiveLevel() for name in ("transformers", "hf_lightning", "lightning.pytorch")}
