@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import safetensors.torch
 import torch
-from transformers.trainer_callback import ExportableState, TrainerState
+from transformers.trainer_callback import TrainerState
 from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints, sort_checkpoints
 
@@ -326,8 +326,7 @@ def restore_training_state(hooks: TrainerHooks, run: RunState, lightning_trainer
     if state.best_model_checkpoint is not None and not os.path.isdir(state.best_model_checkpoint):
         state.best_model_checkpoint = None
     run.state = state
-    if args.restore_callback_states_from_checkpoint:
-        _load_callback_states(run)
+    load_callback_states(run)
     point = resume_point(run, plan, rng)
     compat.move_fit_loop_to(lightning_trainer, state.global_step, point.epochs_trained)
     return point
@@ -400,14 +399,18 @@ def _load_into(target, state_dict, source: str) -> None:
         ) from err
 
 
-def _load_callback_states(run: RunState) -> None:
-    saved = run.state.stateful_callbacks or {}
-    for cb in run.callback_handler.callbacks:
-        if isinstance(cb, ExportableState) and cb.__class__.__name__ in saved:
-            entry = saved[cb.__class__.__name__]
-            entry = entry[0] if isinstance(entry, list) else entry
-            for key, value in entry.get("attributes", {}).items():
-                setattr(cb, key, value)
+def load_callback_states(run: RunState) -> None:
+    """`restore_callback_states_from_checkpoint`: the saved callbacks and TrainerControl, as transformers restores
+    them (see `RunState.load_callback_state`)."""
+    if not run.args.restore_callback_states_from_checkpoint:
+        return
+    not_found = run.load_callback_state()
+    if set(run.state.stateful_callbacks or {}) - set(not_found):
+        logger.info("Continuing training from checkpoint, restoring any callbacks that were passed in")
+    if not_found:
+        logger.warning(
+            "Checkpoint included callbacks not included in current configuration. Ignoring. (%s)", ", ".join(not_found)
+        )
 
 
 def model_from_lightning_checkpoint(path: str):

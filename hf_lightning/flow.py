@@ -117,6 +117,7 @@ class TrainingFlow(pl.Callback):
         elif trainer.ckpt_path is not None:
             # A plain `lightning_trainer.fit(lightning_module, ckpt_path=...)`: Lightning restores weights, optimizer,
             # scheduler and its loops itself; TrainerState came back through load_state_dict below.
+            ckpt.load_callback_states(run)
             self._resume = ckpt.resume_point(run, self.plan, self._rng_from_lightning_ckpt)
             self.windows.skip_windows = self._resume.windows_to_skip
         self.initial_global_step = run.state.global_step
