@@ -66,6 +66,15 @@ class TransformersModule(pl.LightningModule):
     def val_dataloader(self):
         return [] if self.flow is None else self.flow.eval_loaders
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Lightning's restore (`fit(ckpt_path=...)`) loads the weights through the model's own `load_state_dict`, as
+        a resume from a checkpoint folder does (an override may resize buffers or rename keys)."""
+        prefix = "model."
+        if not state_dict or not all(key.startswith(prefix) for key in state_dict):
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        weights = {key[len(prefix):]: value for key, value in state_dict.items()}
+        return self.model.load_state_dict(weights, strict=strict, assign=assign)
+
     # ------------------------------------------------------------------ optimizers
 
     def configure_optimizers(self):
