@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import safetensors.torch
 import torch
-from transformers.trainer_callback import ExportableState, TrainerState
+from transformers.trainer_callback import TrainerState
 from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import (
     PREFIX_CHECKPOINT_DIR,
@@ -299,19 +299,34 @@ def _load_weights(model, folder: str) -> None:
 
 
 def _load_state_dict_checked(model, state_dict: dict, source: str) -> None:
-    own = model.state_dict()
-    tied = {k for k in own if k not in state_dict}
-    # save_pretrained drops tied weights (e.g. lm_head tied to the embeddings); anything else missing is a mismatch.
-    tied_keys = compat.tied_weight_keys(model)
-    missing = sorted(k for k in tied if not any(re.fullmatch(t, k) or k == t for t in tied_keys))
-    unexpected = sorted(k for k in state_dict if k not in own)
-    shape_mismatch = sorted(k for k in state_dict if k in own and own[k].shape != state_dict[k].shape)
-    if unexpected or shape_mismatch or (missing and not getattr(getattr(model, "config", None), "tie_word_embeddings", False)):
-        raise ValueError(
-            f"{source} does not fit {model.__class__.__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-            f"shape mismatch {shape_mismatch[:5]}. Resume with the model the checkpoint was written from."
+    """The model's own `load_state_dict(state_dict, strict=False)`, as transformers resumes (an override may resize
+    buffers or rename keys first), then refusing what does not fit where transformers would only warn: keys missing
+    (other than the tied weights save_pretrained drops) or unexpected, or tensors of another shape."""
+    def refuse(detail: str):
+        # Like transformers, the keys that fit are loaded before the mismatch is known.
+        return ValueError(
+            f"{source} does not fit {model.__class__.__name__}: {detail}. Resume with the model the checkpoint was "
+            "written from (the model passed in may now be partly loaded: rebuild it before retrying)."
         )
-    model.load_state_dict(state_dict, strict=False)
+
+    try:
+        result = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as err:  # torch names each size mismatch
+        raise refuse(str(err)) from err
+    if result is None:  # an override that returns nothing: compare the names after its load
+        own = set(model.state_dict())
+        missing, unexpected = own - set(state_dict), set(state_dict) - own
+    else:
+        missing, unexpected = set(result.missing_keys), set(result.unexpected_keys)
+    if missing:
+        # save_pretrained drops a weight tied to another one (lm_head to the embeddings); it came back with it.
+        own = model.state_dict()
+        tied_keys = compat.tied_weight_keys(model)
+        loaded = {own[k].data_ptr() for k in own if k not in missing}
+        missing = {k for k in missing if not (own[k].data_ptr() in loaded
+                                              and any(re.fullmatch(t, k) or k == t for t in tied_keys))}
+    if missing or unexpected:
+        raise refuse(f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
 
 
 def load_best_model(model, state: TrainerState) -> None:
@@ -387,8 +402,7 @@ def restore_training_state(hooks: TrainerHooks, run: RunState, lightning_trainer
         )
         state.best_model_checkpoint = None
     run.state = state
-    if args.restore_callback_states_from_checkpoint:
-        _load_callback_states(run)
+    load_callback_states(run)
     point = resume_point(run, plan, rng)
     compat.move_fit_loop_to(lightning_trainer, state.global_step, point.epochs_trained)
     return point
@@ -461,15 +475,18 @@ def _load_into(target, state_dict, source: str) -> None:
         ) from err
 
 
-def _load_callback_states(run: RunState) -> None:
-    saved = run.state.stateful_callbacks or {}
-    for cb in run.callback_handler.callbacks:
-        if isinstance(cb, ExportableState) and cb.__class__.__name__ in saved:
-            entry = saved[cb.__class__.__name__]
-            entry = entry[0] if isinstance(entry, list) else entry
-            for key, value in entry.get("attributes", {}).items():
-                setattr(cb, key, value)
-            hf_logger.info("Continuing training from checkpoint, restoring any callbacks that were passed in")
+def load_callback_states(run: RunState) -> None:
+    """`restore_callback_states_from_checkpoint`: the saved callbacks and TrainerControl, as transformers restores
+    them (see `RunState.load_callback_state`)."""
+    if not run.args.restore_callback_states_from_checkpoint:
+        return
+    not_found = run.load_callback_state()
+    if set(run.state.stateful_callbacks or {}) - set(not_found):
+        hf_logger.info("Continuing training from checkpoint, restoring any callbacks that were passed in")
+    if not_found:
+        hf_logger.warning(
+            "Checkpoint included callbacks not included in current configuration. Ignoring. (%s)", ", ".join(not_found)
+        )
 
 
 def model_from_lightning_checkpoint(path: str):

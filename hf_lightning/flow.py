@@ -35,6 +35,7 @@ from transformers.trainer_utils import SaveStrategy, TrainOutput, speed_metrics
 from . import checkpoint as ckpt
 from . import compat
 from . import evaluation
+from .optimizers import steps_on_metric
 from .run import RunState, TrainerHooks, TrainingPlan
 
 logger = logging.getLogger("hf_lightning")
@@ -124,6 +125,7 @@ class TrainingFlow(pl.Callback):
         elif trainer.ckpt_path is not None:
             # A plain `lightning_trainer.fit(lightning_module, ckpt_path=...)`: Lightning restores weights, optimizer,
             # scheduler and its loops itself; TrainerState came back through load_state_dict below.
+            ckpt.load_callback_states(run)
             self._resume = ckpt.resume_point(run, self.plan, self._rng_from_lightning_ckpt)
             self.windows.skip_windows = self._resume.windows_to_skip
         self.initial_global_step = run.state.global_step
@@ -278,13 +280,28 @@ class TrainingFlow(pl.Callback):
         if stage == "start":  # eval_on_start: no best-metric bookkeeping, no save, no scheduler step
             return
         self._last_validated_step = run.state.global_step
+        self._step_scheduler_on_metric(metrics)
         is_new_best = ckpt.determine_best_metric(run, metrics)
-        if isinstance(self.hooks.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            self.hooks.lr_scheduler.step(metrics[ckpt.metric_key(run.args)])
         if run.args.save_strategy == SaveStrategy.BEST:
             run.control.should_save = is_new_best
         self._save_if_requested()
         self._continue_after(stage)
+
+    def _step_scheduler_on_metric(self, metrics: dict) -> None:
+        """transformers' `_evaluate`: a ReduceLROnPlateau/GreedyLR steps on `metric_for_best_model` after each
+        in-training evaluation (not after eval_on_start's), so the next optimizer step sees the new lr."""
+        scheduler = self.hooks.lr_scheduler
+        if not steps_on_metric(scheduler):
+            return
+        key = ckpt.metric_key(self.run.args)
+        if key not in metrics:
+            raise KeyError(
+                f"TrainingArguments.metric_for_best_model={self.run.args.metric_for_best_model!r}: '{key}' is not "
+                f"among the evaluation metrics {sorted(metrics)}, and lr_scheduler_type="
+                f"{str(getattr(self.run.args.lr_scheduler_type, 'value', self.run.args.lr_scheduler_type))!r} "
+                "steps on it. Return it from compute_metrics or change metric_for_best_model."
+            )
+        scheduler.step(metrics[key])
 
     def _save_if_requested(self) -> None:
         if self.run.control.should_save:

@@ -22,7 +22,7 @@ from lightning.pytorch.strategies import ParallelStrategy
 
 from . import compat
 from .evaluation import EvaluationOutput, EvaluationRun, announce_evaluation, memory_stage
-from .optimizers import OptimizerQuirks
+from .optimizers import OptimizerQuirks, steps_on_metric
 from .run import RunState, TrainerHooks
 
 
@@ -69,6 +69,15 @@ class TransformersModule(pl.LightningModule):
 
     def val_dataloader(self):
         return [] if self.flow is None else self.flow.eval_loaders
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Lightning's restore (`fit(ckpt_path=...)`) loads the weights through the model's own `load_state_dict`, as
+        a resume from a checkpoint folder does (an override may resize buffers or rename keys)."""
+        prefix = "model."
+        if not state_dict or not all(key.startswith(prefix) for key in state_dict):
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        weights = {key[len(prefix):]: value for key, value in state_dict.items()}
+        return self.model.load_state_dict(weights, strict=strict, assign=assign)
 
     # ------------------------------------------------------------------ optimizers
 
@@ -129,15 +138,16 @@ class TransformersModule(pl.LightningModule):
         # fp16: the scaler skips the step on inf/nan gradients and lowers its scale; transformers then keeps the lr.
         step_skipped = scaler is not None and scaler.get_scale() < scale_before
         # The scheduler Lightning holds: transformers' one (per step), unless a Lightning callback swapped in its own
-        # (SWA's SWALR, stepped per epoch in on_train_epoch_end).
+        # (SWA's SWALR, stepped per epoch in on_train_epoch_end). A metric-driven one (ReduceLROnPlateau, GreedyLR)
+        # waits for the evaluation: flow.py steps it there, as transformers' `_evaluate` does.
         config = self.trainer.lr_scheduler_configs[0]
-        if not step_skipped and config.interval == "step" and not config.reduce_on_plateau:
+        if not step_skipped and config.interval == "step" and not steps_on_metric(config.scheduler):
             config.scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
     def on_train_epoch_end(self):
         for config in self.trainer.lr_scheduler_configs:
-            if config.interval == "epoch" and not config.reduce_on_plateau:
+            if config.interval == "epoch" and not steps_on_metric(config.scheduler):
                 config.scheduler.step()
 
     def on_before_optimizer_step(self, optimizer):

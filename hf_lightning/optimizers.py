@@ -27,7 +27,16 @@ import types
 import torch
 import transformers
 from torch.overrides import TorchFunctionMode
+from transformers.optimization import GreedyLR
 from transformers.trainer_pt_utils import LayerWiseDummyOptimizer
+
+# Schedulers that transformers steps on the evaluation metric (`metric_for_best_model`) after each in-training
+# evaluation, never per optimizer step.
+METRIC_DRIVEN_SCHEDULERS = (torch.optim.lr_scheduler.ReduceLROnPlateau, GreedyLR)
+
+
+def steps_on_metric(scheduler) -> bool:
+    return isinstance(scheduler, METRIC_DRIVEN_SCHEDULERS)
 
 
 def is_lomo(optimizer) -> bool:
@@ -138,6 +147,14 @@ def adapt_for_lightning(optimizer):
 
 def layerwise_scheduler(args, optimizer: LayerWiseDummyOptimizer, num_training_steps: int):
     """Per-parameter schedulers stepped in the per-parameter hooks; a constant outer scheduler for Lightning."""
+    kind = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+    if kind in ("reduce_lr_on_plateau", "greedy"):
+        # The per-parameter hooks run inside the backward, where no evaluation metric exists.
+        raise ValueError(
+            f"TrainingArguments.lr_scheduler_type={kind!r} steps on the evaluation metric and cannot drive the "
+            f"per-parameter schedules of optim={args.optim!r}; use a step-based lr_scheduler_type or a non-layer-wise "
+            "optimizer."
+        )
     schedulers = {
         param: transformers.get_scheduler(
             args.lr_scheduler_type,
@@ -188,12 +205,12 @@ class OptimizerQuirks:
 
 
 def current_learning_rate(optimizer, lr_scheduler, lightning_trainer=None) -> float:
-    """transformers' `_get_learning_rate`: the scheduler's last lr (the optimizer's for a plateau scheduler). The
-    scheduler Lightning holds wins: a Lightning callback may have swapped in its own (SWA's SWALR)."""
+    """transformers' `_get_learning_rate`: the scheduler's last lr (the optimizer's for a metric-driven scheduler).
+    The scheduler Lightning holds wins: a Lightning callback may have swapped in its own (SWA's SWALR)."""
     scheduler = lr_scheduler
     if lightning_trainer is not None and lightning_trainer.lr_scheduler_configs:
         scheduler = lightning_trainer.lr_scheduler_configs[0].scheduler
-    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+    if steps_on_metric(scheduler):
         lr = optimizer.param_groups[0]["lr"]
     else:
         lr = scheduler.get_last_lr()[0]

@@ -178,6 +178,34 @@ class RunState:
         """The callbacks (and the control) whose state a checkpoint carries, as transformers lists them."""
         return [cb for cb in self.callback_handler.callbacks + [self.control] if isinstance(cb, ExportableState)]
 
+    def load_callback_state(self) -> list[str]:
+        """transformers' `_load_callback_state` on the resumed `state.stateful_callbacks`: each saved entry rebuilds
+        its callback from the saved constructor `args`, then sets the saved `attributes`; several saved instances of
+        one class go, in order, to this run's instances of that class; the restored callbacks replace those
+        instances (moving to the end of the list) and a saved TrainerControl replaces `control`. Returns the names
+        of saved callbacks this run does not have (transformers warns and ignores them)."""
+        handler = self.callback_handler
+        current = handler.callbacks + [self.control]
+        not_found, restored_callbacks = [], []
+        for name, saved in (self.state.stateful_callbacks or {}).items():
+            entries = saved if isinstance(saved, list) else [saved]
+            same_class = [cb for cb in current if cb.__class__.__name__ == name]
+            if not same_class:
+                not_found.append(name)
+                continue
+            for callback, entry in zip(same_class, entries):
+                restored = type(callback)(**entry.get("args", {}))
+                for attribute, value in entry.get("attributes", {}).items():
+                    setattr(restored, attribute, value)
+                if isinstance(callback, TrainerControl):
+                    self.control = restored
+                else:
+                    restored_callbacks.append(restored)
+                handler.remove_callback(type(restored))
+        for callback in restored_callbacks:
+            handler.add_callback(callback)
+        return not_found
+
     # ------------------------------------------------------------------ the 16 TrainerCallback events
 
     def on_init_end(self) -> None:

@@ -32,7 +32,8 @@ FIELD_POLICY: dict[str, tuple[str, str]] = {
     "num_train_epochs": (HONOURED, "max_steps = ceil(epochs * update steps per epoch), as transformers"),
     "max_steps": (HONOURED, "lightning.Trainer(max_steps=...) and TrainerState.max_steps"),
     "learning_rate": (HONOURED, "optimizer lr (transformers' optimizer lookup)"),
-    "lr_scheduler_type": (HONOURED, "transformers.get_scheduler, stepped once per update step"),
+    "lr_scheduler_type": (HONOURED, "transformers.get_scheduler, stepped once per update step (reduce_lr_on_plateau / "
+                                    "greedy: on metric_for_best_model after each evaluation)"),
     "lr_scheduler_kwargs": (HONOURED, "transformers.get_scheduler(scheduler_specific_kwargs=...)"),
     "warmup_steps": (HONOURED, "args.get_warmup_steps (int or ratio)"),
     "optim": (HONOURED, "transformers.Trainer.get_optimizer_cls_and_kwargs"),

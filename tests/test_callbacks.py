@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import dataclasses
 import glob
 import importlib.util
+import logging
 import os
 
 import lightning.pytorch as pl
 import pytest
 import transformers
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 import hf_lightning
 from differential import transformers_bug
@@ -202,8 +206,92 @@ def test_stateful_callbacks_restored_on_resume(tmp_path):
     saved = transformers.TrainerState.load_from_json(str(tmp_path / "a" / "checkpoint-6" / "trainer_state.json"))
     counter = saved.stateful_callbacks["EarlyStoppingCallback"]["attributes"]["early_stopping_patience_counter"]
     assert counter == 2
-    # Evaluations at steps 8, 10, 12 after the resume: the counter continues only when told to restore it.
+    # Evaluations at steps 8, 10, 12 after the resume: the counter continues only when told to restore it. As in
+    # transformers, the restored callback is a new instance, rebuilt from the saved constructor args, that replaces
+    # the one passed in.
     for restore, expected in ((True, counter + 3), (False, 3)):
         resumed, stopper = make(tmp_path / f"b{restore}", restore=restore)
         resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-6"))
-        assert stopper.early_stopping_patience_counter == expected
+        [running] = [cb for cb in resumed.callback_handler.callbacks if isinstance(cb, EarlyStoppingCallback)]
+        assert (running is stopper) is not restore
+        assert running.early_stopping_patience_counter == expected
+
+
+class Tally(TrainerCallback, ExportableState):
+    """A stateful callback with constructor args (`tag`, `weight`) and an attribute (`total`)."""
+
+    def __init__(self, tag: str = "new", weight: int = 1):
+        self.tag, self.weight, self.total = tag, weight, 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.total += self.weight
+
+    def state(self) -> dict:
+        return {"args": {"tag": self.tag, "weight": self.weight}, "attributes": {"total": self.total}}
+
+
+class Dropped(Tally):
+    """Saved in the checkpoint, absent from the resumed run."""
+
+
+class ControlAtTrainBegin(TrainerCallback):
+    def __init__(self):
+        self.seen = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.seen = dataclasses.asdict(control)
+
+
+@contextlib.contextmanager
+def _warnings_of(*logger_names):
+    """The warning messages of these loggers (transformers' own do not propagate to the root logger)."""
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    loggers = [logging.getLogger(name) for name in logger_names]
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        yield records
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+
+
+def test_stateful_callbacks_resume_across_transformers_and_hf_lightning(tmp_path):
+    """Checkpoints of either Trainer resumed by either one restore the same callbacks: rebuilt from their saved args
+    with their saved attributes, two instances of one class in order, the saved TrainerControl, and a warning naming
+    a saved callback the resumed run lacks."""
+    impls = {"hf": (transformers.Trainer, transformers.TrainingArguments),
+             "hl": (hf_lightning.Trainer, hf_lightning.TrainingArguments)}
+
+    def trainer(key, out, callbacks):
+        cls, args_cls = impls[key]
+        args = args_cls(str(out), per_device_train_batch_size=4, max_steps=4, save_steps=2, logging_steps=1,
+                        report_to="none", disable_tqdm=True, use_cpu=True, restore_callback_states_from_checkpoint=True)
+        return cls(tiny_bert(), args=args, train_dataset=classification_dataset(16), callbacks=callbacks)
+
+    for saver in impls:
+        trainer(saver, tmp_path / saver, [Tally("a", 1), Tally("b", 10), Dropped("gone")]).train()
+    outcomes = {}
+    for saver in impls:
+        for resumer in impls:
+            control = ControlAtTrainBegin()
+            resumed = trainer(resumer, tmp_path / f"{saver}-{resumer}", [Tally(), control, Tally()])
+            with _warnings_of("transformers", "hf_lightning") as records:
+                resumed.train(resume_from_checkpoint=str(tmp_path / saver / "checkpoint-2"))
+            tallies = [(cb.tag, cb.weight, cb.total) for cb in resumed.callback_handler.callbacks
+                       if isinstance(cb, Tally)]
+            missing = [r.getMessage() for r in records if "not included in current configuration" in r.getMessage()]
+            outcomes[saver, resumer] = (tallies, control.seen, missing)
+    for key, (tallies, control_seen, missing) in outcomes.items():
+        assert [tag for tag, _, _ in tallies] == ["a", "b"], key  # rebuilt from the saved args, in order
+        assert control_seen["should_save"], key  # the TrainerControl as saved, in the middle of the save
+        assert len(missing) == 1 and "Dropped" in missing[0], key
+    # Either checkpoint resumes the same under both Trainers.
+    assert outcomes["hf", "hl"] == outcomes["hf", "hf"]
+    assert outcomes["hl", "hf"] == outcomes["hl", "hl"]
+    # hf_lightning's checkpoint holds each instance's state at the save: 2 steps before it, 2 after the resume.
+    # (transformers 5.24 appends every save's states to the list it started with, so its own checkpoint restores
+    # several instances of one class from their states when training began.)
+    assert outcomes["hl", "hl"][0] == [("a", 1, 4), ("b", 10, 40)]

@@ -339,3 +339,62 @@ def test_plain_lightning_fit_with_ckpt_path(tmp_path):
         for key, value in full.model.state_dict().items():
             assert torch.equal(other.model.state_dict()[key], value), (name, key)
 
+
+
+class BertWithLabelHistory(transformers.BertForSequenceClassification):
+    """A persistent buffer that grows with every training batch (the labels seen so far), so its saved size differs
+    from a fresh model's; the model's own `load_state_dict` resizes it before loading, as such models do."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.register_buffer("label_history", torch.zeros(0, dtype=torch.long))
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        if self.training and labels is not None:
+            self.label_history = torch.cat([self.label_history, labels.detach()])
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        if "label_history" in state_dict:
+            self.label_history = torch.empty_like(state_dict["label_history"])
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def test_resume_loads_weights_through_the_models_own_load_state_dict(tmp_path):
+    def model():
+        torch.manual_seed(0)
+        return BertWithLabelHistory(tiny_bert().config)
+
+    def trainer(cls, args_cls, out, the_model):
+        args = args_cls(str(out), per_device_train_batch_size=4, max_steps=4, save_steps=2, report_to="none",
+                        disable_tqdm=True, use_cpu=True, learning_rate=1e-2)
+        return cls(the_model, args=args, train_dataset=classification_dataset(16))
+
+    full = trainer(hf_lightning.Trainer, hf_lightning.TrainingArguments, tmp_path / "full", model())
+    full.train()
+    assert full.model.label_history.numel() == 16
+    saved = safetensors.torch.load_file(str(tmp_path / "full" / "checkpoint-2" / "model.safetensors"))
+    assert saved["label_history"].numel() == 8  # a fresh model's buffer is empty: only the override can load it
+    results = {}
+    for key, cls, args_cls in (("hf", transformers.Trainer, transformers.TrainingArguments),
+                               ("hl", hf_lightning.Trainer, hf_lightning.TrainingArguments)):
+        resumed = trainer(cls, args_cls, tmp_path / key, model())
+        resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+        results[key] = resumed.model.state_dict()
+    # The Lightning way: fit(ckpt_path=...) after a run whose buffer grew past the checkpoint's.
+    lightning_way = trainer(hf_lightning.Trainer, hf_lightning.TrainingArguments, tmp_path / "lightning", model())
+    lightning_way.train()
+    lightning_way.lightning_trainer.fit(lightning_way.lightning_module,
+                                        ckpt_path=str(tmp_path / "full" / "checkpoint-2" / "lightning.ckpt"))
+    results["lightning"] = lightning_way.model.state_dict()
+    for name, value in full.model.state_dict().items():
+        assert torch.allclose(results["hl"][name], value, atol=1e-6), name
+        assert torch.allclose(results["hl"][name], results["hf"][name], atol=1e-6), name
+        assert torch.allclose(results["lightning"][name], value, atol=1e-6), name
+    # Another model's weights are still refused, naming the keys.
+    other = trainer(hf_lightning.Trainer, hf_lightning.TrainingArguments, tmp_path / "other",
+                    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+                        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=2)))
+    with pytest.raises(ValueError, match=r"does not fit LlamaForCausalLM: missing \['lm_head.weight'.*unexpected"):
+        other.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))

@@ -122,6 +122,16 @@ def test_layerwise_schedules_each_parameter(tmp_path):
     assert lrs == {0.0}  # linear decay reached 0 at max_steps on every parameter's optimizer
 
 
+def test_layerwise_refuses_a_metric_driven_scheduler(tmp_path):
+    pytest.importorskip("galore_torch")
+    args = hf_lightning.TrainingArguments(str(tmp_path), optim="galore_adamw_layerwise", optim_target_modules=TARGETS,
+                                          lr_scheduler_type="reduce_lr_on_plateau", eval_strategy="steps",
+                                          eval_steps=2, max_steps=2, report_to="none", save_strategy="no")
+    trainer = hf_lightning.Trainer(tiny_llama(), args=args, train_dataset=lm_dataset(8), eval_dataset=lm_dataset(4))
+    with pytest.raises(ValueError, match="reduce_lr_on_plateau.*step-based lr_scheduler_type"):
+        trainer.train()
+
+
 def test_missing_optimizer_package_names_the_extra(tmp_path, monkeypatch):
     import transformers.trainer_optimizer as lookup
 
@@ -215,3 +225,45 @@ def test_all_linear_target_modules(tmp_path):
                        logging_steps=1, optim="galore_adamw", optim_target_modules="all-linear", learning_rate=1e-2)
     assert_same_history(results["hf"][0].state.log_history, results["hl"][0].state.log_history, rel=1e-5)
 
+
+
+METRIC_DRIVEN = {
+    # kwargs chosen so that the lr moves within the run: plateau asking each evaluation to halve the best loss,
+    # GreedyLR reacting at once (patience 0) in both directions
+    "reduce_lr_on_plateau": {"patience": 0, "factor": 0.5, "threshold": 0.5},
+    "greedy": {"patience": 0, "factor": 0.5, "min_lr": 1e-5},
+}
+
+
+@pytest.mark.parametrize("eval_strategy", ["steps", "epoch"])
+@pytest.mark.parametrize("scheduler", sorted(METRIC_DRIVEN))
+def test_metric_driven_scheduler_steps_on_eval_metric_like_transformers(tmp_path, scheduler, eval_strategy):
+    """transformers steps ReduceLROnPlateau/GreedyLR on `metric_for_best_model` (eval_loss by default) after each
+    in-training evaluation, never per optimizer step, and logs the optimizer's lr."""
+    from helpers import classification_dataset, tiny_bert
+
+    results = run_pair(
+        tmp_path, tiny_bert, classification_dataset(16), classification_dataset(8, seed=1),
+        per_device_train_batch_size=4, num_train_epochs=3, logging_steps=1, learning_rate=1e-2,
+        lr_scheduler_type=scheduler, lr_scheduler_kwargs=METRIC_DRIVEN[scheduler], eval_strategy=eval_strategy,
+        eval_steps=2, eval_on_start=True,
+    )
+    history = results["hf"][0].state.log_history
+    lrs = [entry["learning_rate"] for entry in history if "learning_rate" in entry]
+    assert len(set(lrs)) > 1, lrs  # the metric moved the lr: the comparison below is not of constant schedules
+    assert_same_history(history, results["hl"][0].state.log_history)
+    assert_same_weights(results["hf"][2], results["hl"][2])
+    assert type(results["hl"][0].lr_scheduler) is type(results["hf"][0].lr_scheduler)
+
+
+def test_metric_driven_scheduler_names_a_missing_metric(tmp_path):
+    from helpers import classification_dataset, tiny_bert
+
+    args = hf_lightning.TrainingArguments(
+        str(tmp_path), lr_scheduler_type="reduce_lr_on_plateau", eval_strategy="steps", eval_steps=2, max_steps=2,
+        metric_for_best_model="accuracy", report_to="none", save_strategy="no", use_cpu=True,
+    )
+    trainer = hf_lightning.Trainer(tiny_bert(), args=args, train_dataset=classification_dataset(8),
+                                   eval_dataset=classification_dataset(4, seed=1))
+    with pytest.raises(KeyError, match="eval_accuracy.*compute_metrics"):
+        trainer.train()
