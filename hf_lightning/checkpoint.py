@@ -66,6 +66,14 @@ def resolve_resume_path(args, resume_from_checkpoint) -> str | None:
                 f"No valid checkpoint found in output directory ({args.output_dir}): resume_from_checkpoint=True but "
                 "no checkpoint-N folder was found there."
             )
+        missing = missing_training_state(path, args)
+        if missing:
+            raise ValueError(
+                f"The latest checkpoint {path} is incomplete: it lacks {', '.join(missing)} (it was not saved with "
+                "save_only_model, which leaves out all of them). Resuming it would continue with a fresh optimizer "
+                "state, silently. Restore the missing file, delete the folder to resume from the previous checkpoint, "
+                "or pass its path as resume_from_checkpoint to resume it anyway."
+            )
         return path
     path = os.fspath(resume_from_checkpoint)
     if not os.path.exists(path):
@@ -77,7 +85,29 @@ def resolve_resume_path(args, resume_from_checkpoint) -> str | None:
             f"Can't find a valid checkpoint at {path}: resume_from_checkpoint={path!r} is not a checkpoint folder "
             f"(it has no {TRAINER_STATE_NAME})."
         )
+    if os.path.isdir(path) and (missing := missing_training_state(path, args)):
+        hf_logger.warning(
+            f"CHECKPOINT INCOMPLETE: {path} lacks {', '.join(missing)} and was not saved with save_only_model (which "
+            "leaves out all of them). Resuming it as asked, with the missing state started afresh: the run will NOT "
+            "continue as the interrupted one would have."
+        )
     return path
+
+
+def missing_training_state(folder: str, args) -> list[str]:
+    """The training-state files a checkpoint folder lacks; [] when complete or saved with `save_only_model`.
+
+    Neither trainer_state.json nor anything else readable without unpickling records `save_only_model`
+    (training_args.bin does, but it is never unpickled here). transformers and hf_lightning write optimizer.pt,
+    scheduler.pt and rng_state*.pth together unless save_only_model is set, and then none of them (nor
+    lightning.ckpt): a folder without all three (and no lightning.ckpt) is a model-only checkpoint, one without
+    some of them is damaged."""
+    rng_names = [n for n in os.listdir(folder) if re.fullmatch(r"rng_state(_\d+)?\.pth", n)]
+    missing = [n for n in (OPTIMIZER_NAME, SCHEDULER_NAME) if not os.path.isfile(os.path.join(folder, n))]
+    if not rng_names:
+        missing.append(_rng_file(args))
+    model_only = len(missing) == 3 and not os.path.isfile(os.path.join(folder, LIGHTNING_CKPT_NAME))
+    return [] if model_only else missing
 
 
 def sorted_checkpoints(output_dir: str) -> list[str]:
@@ -290,10 +320,17 @@ def _load_weights(model, folder: str) -> None:
 
     single = os.path.join(folder, "model.safetensors")
     if os.path.isfile(single):
-        state_dict = safetensors.torch.load_file(single, device="cpu")
+        try:
+            state_dict = safetensors.torch.load_file(single, device="cpu")
+        except Exception as err:  # noqa: BLE001 - safetensors names no file ("incomplete metadata")
+            raise ValueError(f"Cannot read the model weights from {single!r} ({type(err).__name__}: {err}). The file "
+                             "is corrupt or truncated.") from err
         _load_state_dict_checked(model, state_dict, single)
     elif os.path.isfile(os.path.join(folder, "model.safetensors.index.json")):
-        load_sharded_checkpoint(model, folder, strict=True)
+        try:
+            load_sharded_checkpoint(model, folder, strict=True)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise ValueError(f"Cannot read the sharded model weights in {folder!r} ({type(err).__name__}: {err}).") from err
     else:
         raise ValueError(f"Checkpoint {folder!r} holds no model.safetensors: it cannot be resumed.")
 

@@ -339,3 +339,41 @@ def test_plain_lightning_fit_with_ckpt_path(tmp_path):
         for key, value in full.model.state_dict().items():
             assert torch.equal(other.model.state_dict()[key], value), (name, key)
 
+
+
+def test_incomplete_checkpoints_are_refused_or_warned_about(tmp_path):
+    import logging
+
+    _trainer(tmp_path / "run").train()
+    _trainer(tmp_path / "model_only", save_only_model=True).train()
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        out = tmp_path / f"without-{name}"
+        shutil.copytree(tmp_path / "run", out)
+        os.remove(out / "checkpoint-4" / name)
+        # Found by resume_from_checkpoint=True: refused, the missing file named, nothing trained.
+        with pytest.raises(ValueError, match=rf"checkpoint-4 is incomplete: it lacks {re.escape(name)}"):
+            _trainer(out).train(resume_from_checkpoint=True)
+        assert sorted(os.listdir(out)) == ["checkpoint-2", "checkpoint-4"]
+    # Given explicitly: resumed as asked, with a loud warning naming the file.
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        _trainer(tmp_path / "explicit", max_steps=6).train(
+            resume_from_checkpoint=str(tmp_path / "without-optimizer.pt" / "checkpoint-4"))
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert any("CHECKPOINT INCOMPLETE" in line and "optimizer.pt" in line for line in lines), lines
+    # A save_only_model checkpoint (none of the three files) resumes as transformers resumes it.
+    trainer = _trainer(tmp_path / "model_only", max_steps=6, save_only_model=True)
+    trainer.train(resume_from_checkpoint=True)
+    assert trainer.state.global_step == 6
+    # Truncated weights: the file is named (safetensors' own error names none).
+    broken = tmp_path / "truncated"
+    shutil.copytree(tmp_path / "run", broken)
+    weights = broken / "checkpoint-4" / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(50)
+    with pytest.raises(ValueError, match=re.escape(str(weights))):
+        _trainer(broken, max_steps=6).train(resume_from_checkpoint=True)
