@@ -88,8 +88,11 @@ def uninterrupted(tmp_path_factory, job):
     return root
 
 
-def test_folder_layout_matches_transformers(uninterrupted):
+def test_folder_layout_matches_transformers(uninterrupted, tmp_path):
     hl, hf = uninterrupted / "hl" / "checkpoint-4", uninterrupted / "hf" / "checkpoint-4"
+    # By default a folder holds exactly transformers' files; the job's runs also export lightning.ckpt.
+    _trainer(tmp_path / "default", max_steps=2).train()
+    assert sorted(os.listdir(tmp_path / "default" / "checkpoint-2")) == sorted(os.listdir(hf))
     assert sorted(os.listdir(hl)) == sorted(os.listdir(hf) + ["lightning.ckpt"])
     hl_state = json.load(open(hl / "trainer_state.json"))
     hf_state = json.load(open(hf / "trainer_state.json"))
@@ -255,7 +258,7 @@ def test_best_model_and_total_limit(tmp_path):
 
 
 def test_model_rebuilt_from_the_lightning_checkpoint_alone(tmp_path):
-    trainer = _trainer(tmp_path)
+    trainer = _trainer(tmp_path, save_lightning_checkpoint=True)
     trainer.train()
     model = hf_lightning.model_from_lightning_checkpoint(str(tmp_path / "checkpoint-4" / "lightning.ckpt"))
     assert type(model) is type(trainer.model)
@@ -321,24 +324,43 @@ def test_best_checkpoint_that_was_never_saved(tmp_path):
 
 
 def test_plain_lightning_fit_with_ckpt_path(tmp_path):
-    def args(out):
+    def args(out, **kw):
         return hf_lightning.TrainingArguments(str(out), per_device_train_batch_size=3, gradient_accumulation_steps=2,
                                               num_train_epochs=3, save_steps=2, report_to="none", disable_tqdm=True,
-                                              learning_rate=1e-2)
+                                              learning_rate=1e-2, **kw)
 
-    full = hf_lightning.Trainer(tiny_bert(dropout=0.2), args=args(tmp_path / "full"),
+    full = hf_lightning.Trainer(tiny_bert(dropout=0.2), args=args(tmp_path / "full", save_lightning_checkpoint=True),
                                 train_dataset=classification_dataset(20))
     full.train()
-    # 4 update steps per epoch: checkpoint-6 is mid-epoch, checkpoint-4 ends epoch 1.
-    for name in ("checkpoint-6", "checkpoint-4"):
-        other = hf_lightning.Trainer(tiny_bert(dropout=0.2, seed=9), args=args(tmp_path / name),
-                                     train_dataset=classification_dataset(20))
-        other.train()  # sets up the run; then continue it the Lightning way from a checkpoint of `full`
-        other.lightning_trainer.fit(other.lightning_module, ckpt_path=str(tmp_path / "full" / name / "lightning.ckpt"))
-        assert other.state.global_step == other.lightning_trainer.global_step == 12
+    # 4 update steps per epoch: checkpoint-6 is mid-epoch, checkpoint-4 ends epoch 1. The checkpoint-N folder itself
+    # (read by FolderCheckpointIO), the exported lightning.ckpt, and "last" (the newest folder of output_dir).
+    out = tmp_path / "other"
+    other = hf_lightning.Trainer(tiny_bert(dropout=0.2, seed=9), args=args(out),
+                                 train_dataset=classification_dataset(20))
+    other.train()  # sets up the run; then continue it the Lightning way from checkpoints of `full`
+    for name, door in [("checkpoint-6", "folder"), ("checkpoint-4", "folder"), ("checkpoint-6", "lightning.ckpt"),
+                       ("checkpoint-4", "last")]:
+        if door == "last":
+            for folder in out.glob("checkpoint-*"):
+                shutil.rmtree(folder)
+            shutil.copytree(tmp_path / "full" / name, out / name)
+        path = {"folder": tmp_path / "full" / name, "lightning.ckpt": tmp_path / "full" / name / "lightning.ckpt",
+                "last": "last"}[door]
+        loads = []
+        with pytest.MonkeyPatch.context() as patch:  # records how every file is loaded
+            real_load = torch.load
+            patch.setattr(torch, "load", lambda *a, **kw: loads.append(kw.get("weights_only")) or real_load(*a, **kw))
+            other.lightning_trainer.fit(other.lightning_module, ckpt_path=str(path))
+        assert loads and all(value is True for value in loads), (door, loads)  # passed, not left to a default
+        assert other.state.global_step == other.lightning_trainer.global_step == 12, (name, door)
         for key, value in full.model.state_dict().items():
-            assert torch.equal(other.model.state_dict()[key], value), (name, key)
-
+            assert torch.equal(other.model.state_dict()[key], value), (name, door, key)
+    # An incomplete folder is refused through this door too, the missing file named.
+    broken = tmp_path / "broken"
+    shutil.copytree(tmp_path / "full" / "checkpoint-6", broken)
+    os.remove(broken / "scheduler.pt")
+    with pytest.raises(ValueError, match="lacks scheduler.pt"):
+        other.lightning_trainer.fit(other.lightning_module, ckpt_path=str(broken))
 
 
 def test_incomplete_checkpoints_are_refused_or_warned_about(tmp_path):

@@ -61,8 +61,7 @@ def test_ddp_training_matches_transformers(ddp_runs):
         assert torch.allclose(a[key], b[key], atol=1e-6), key
     # Both processes wrote their RNG state into each checkpoint; only rank 0 wrote the rest.
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(os.listdir(ddp_runs / "hl" / "checkpoint-6"))
-    assert sorted(os.listdir(ddp_runs / "hl" / "checkpoint-6")) == sorted(
-        os.listdir(ddp_runs / "hf" / "checkpoint-6") + ["lightning.ckpt"])
+    assert sorted(os.listdir(ddp_runs / "hl" / "checkpoint-6")) == sorted(os.listdir(ddp_runs / "hf" / "checkpoint-6"))
 
 
 def test_ddp_eval_loss_is_the_single_process_value(ddp_runs, tmp_path):
