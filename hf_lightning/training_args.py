@@ -339,7 +339,8 @@ def translate_arguments(args: transformers.TrainingArguments) -> dict[str, Any]:
 
     from .checkpoint import FolderCheckpointIO, LastCheckpointFinder
 
-    if not any(isinstance(cb, ModelCheckpoint) for cb in kwargs["callbacks"]):
+    # A user's own ModelCheckpoint keeps Lightning's "last" for its files; enable_checkpointing=False turns it off.
+    if extra.get("enable_checkpointing", True) and not any(isinstance(cb, ModelCheckpoint) for cb in kwargs["callbacks"]):
         kwargs["callbacks"].append(LastCheckpointFinder(args.output_dir))
     plugins = extra.pop("plugins", None) or []
     plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]

@@ -399,3 +399,27 @@ def test_incomplete_checkpoints_are_refused_or_warned_about(tmp_path):
         f.truncate(50)
     with pytest.raises(ValueError, match=re.escape(str(weights))):
         _trainer(broken, max_steps=6).train(resume_from_checkpoint=True)
+
+
+def test_lightning_door_installation_respects_user_settings(tmp_path):
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    from hf_lightning.checkpoint import FolderCheckpointIO, LastCheckpointFinder
+    from hf_lightning.training_args import translate_arguments
+
+    def lightning_trainer(**extra):
+        args = hf_lightning.TrainingArguments(str(tmp_path), use_cpu=True, report_to="none",
+                                              lightning_trainer_kwargs=extra)
+        return pl.Trainer(**translate_arguments(args), logger=False)
+
+    default = lightning_trainer()
+    assert isinstance(default.strategy.checkpoint_io, FolderCheckpointIO)
+    assert isinstance(default.checkpoint_callback, LastCheckpointFinder)
+    # Lightning's checkpointing switched off, a ModelCheckpoint or CheckpointIO of the user's: theirs are kept.
+    assert lightning_trainer(enable_checkpointing=False).checkpoint_callback is None
+    own = ModelCheckpoint(dirpath=str(tmp_path / "mine"))
+    assert lightning_trainer(callbacks=[own]).checkpoint_callbacks == [own]
+    io = TorchCheckpointIO()
+    assert lightning_trainer(plugins=[io]).strategy.checkpoint_io is io
