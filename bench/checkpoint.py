@@ -1,17 +1,20 @@
-"""Save and resume cost of a ~100M-parameter model: transformers.Trainer vs hf_lightning.Trainer, same run.
+"""Save and resume cost of an 81M-parameter model: transformers.Trainer vs hf_lightning.Trainer, same run.
 
-Each framework trains a Llama (~100M parameters, from config) for 2 steps with save_steps=2, then resumes from the
-checkpoint in a fresh Trainer. Reported: time of the save (on_save minus the step end), time from train(resume) to
-the first resumed step, and the checkpoint folder's size (hf_lightning's includes lightning.ckpt, which holds a
-second copy of weights and optimizer state; `save_lightning_checkpoint=False` drops it).
+Each framework trains a Llama (81M parameters, from config) for 7 steps with a save at step 3, then resumes from that
+checkpoint in a fresh Trainer. Reported: time of the save (on_save minus the step end), the stall (the step interval
+that holds the save minus the median of the others: what a save costs training), time from train(resume) to the
+first resumed step, and the checkpoint folder's size. hf_lightning's folders hold exactly transformers' files by
+default; `save_lightning_checkpoint=True` adds the lightning.ckpt export (a second copy of weights and optimizer).
 
-    python bench/checkpoint.py
+    python bench/checkpoint.py           # the 81M Llama (slow on CPU: run it on a quiet machine)
+    python bench/checkpoint.py --tiny    # a 2-layer toy: checks that the script runs
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -22,8 +25,16 @@ import transformers
 import hf_lightning
 
 
+TINY = "--tiny" in sys.argv
+SAVE_AT, STEPS = 3, 7
+
+
 def model():
     torch.manual_seed(0)
+    if TINY:
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=4, max_position_embeddings=128))
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=32000, hidden_size=640, intermediate_size=1728, num_hidden_layers=8, num_attention_heads=10,
         num_key_value_heads=10, max_position_embeddings=128))
@@ -47,34 +58,38 @@ class Clock(transformers.TrainerCallback):
 def run(framework, root, **extra):
     trainer_cls = transformers.Trainer if framework == "hf" else hf_lightning.Trainer
     args_cls = transformers.TrainingArguments if framework == "hf" else hf_lightning.TrainingArguments
-    ids = torch.randint(0, 32000, (8, 128))
+    ids = torch.randint(0, 32000, (2 * STEPS, 128))
     data = [{"input_ids": row, "labels": row} for row in ids]
-    out = os.path.join(root, framework + ("-nockpt" if extra else ""))
-    args = args_cls(out, per_device_train_batch_size=2, max_steps=3, save_steps=2, report_to="none",
+    out = os.path.join(root, framework + ("-export" if extra else ""))
+    args = args_cls(out, per_device_train_batch_size=2, max_steps=STEPS, save_steps=SAVE_AT, report_to="none",
                     disable_tqdm=True, use_cpu=True, log_level="error", **extra)
     clock = Clock()
     trainer_cls(model(), args=args, train_dataset=data, callbacks=[clock]).train()
-    save_s = clock.marks["save"][2] - clock.marks["step_end"][2]
-    size = folder_mb(os.path.join(out, "checkpoint-2"))
+    ends = clock.marks["step_end"]
+    save_s = clock.marks["save"][SAVE_AT] - ends[SAVE_AT]
+    intervals = {step: ends[step] - ends[step - 1] for step in range(2, STEPS + 1)}
+    with_save = intervals.pop(SAVE_AT + 1)
+    stall_s = with_save - statistics.median(intervals.values())
+    size = folder_mb(os.path.join(out, f"checkpoint-{SAVE_AT}"))
     clock2 = Clock()
     start = time.time()
     trainer_cls(model(), args=args, train_dataset=data, callbacks=[clock2]).train(
-        resume_from_checkpoint=os.path.join(out, "checkpoint-2"))
-    resume_s = clock2.marks["step_end"][3] - start
-    return save_s, resume_s, size
+        resume_from_checkpoint=os.path.join(out, f"checkpoint-{SAVE_AT}"))
+    resume_s = clock2.marks["step_end"][SAVE_AT + 1] - start
+    return save_s, stall_s, resume_s, size
 
 
 def main():
     root = tempfile.mkdtemp()
     params = sum(p.numel() for p in model().parameters()) / 1e6
-    print(f"Llama from config, {params:.0f}M parameters, 2 CPU steps of 2x128 tokens before the save\n")
-    print("| framework | save (s) | resume to first step (s) | checkpoint-2 size (MB) |")
-    print("| --- | --- | --- | --- |")
+    print(f"Llama from config, {params:.0f}M parameters, {STEPS} CPU steps of 2x128 tokens, a save at step {SAVE_AT}\n")
+    print(f"| framework | save (s) | stall around the save (s) | resume to first step (s) | checkpoint size (MB) |")
+    print("| --- | --- | --- | --- | --- |")
     for name, framework, extra in (("transformers.Trainer", "hf", {}), ("hf_lightning.Trainer", "hl", {}),
-                                   ("hf_lightning, save_lightning_checkpoint=False", "hl",
-                                    {"save_lightning_checkpoint": False})):
-        save_s, resume_s, size = run(framework, root, **extra)
-        print(f"| {name} | {save_s:.2f} | {resume_s:.2f} | {size:.0f} |")
+                                   ("hf_lightning, save_lightning_checkpoint=True", "hl",
+                                    {"save_lightning_checkpoint": True})):
+        save_s, stall_s, resume_s, size = run(framework, root, **extra)
+        print(f"| {name} | {save_s:.2f} | {stall_s:.2f} | {resume_s:.2f} | {size:.0f} |")
         sys.stdout.flush()
     shutil.rmtree(root, ignore_errors=True)
 

@@ -1,13 +1,15 @@
-"""Checkpoints: transformers' `checkpoint-N/` folders, a Lightning `lightning.ckpt` inside each, resume, best model.
+"""Checkpoints: transformers' `checkpoint-N/` folders, read by both doors (train() and Lightning's fit(ckpt_path=)).
 
 A folder holds what transformers.Trainer writes (model via save_pretrained, processing class, optimizer.pt,
-scheduler.pt, scaler.pt, rng_state[_rank].pth, trainer_state.json, training_args.bin) and, unless
-`save_lightning_checkpoint=False`, `lightning.ckpt` (Lightning's own dict: state_dict, optimizer_states,
+scheduler.pt, scaler.pt, rng_state[_rank].pth, trainer_state.json, training_args.bin) and, only when
+`save_lightning_checkpoint=True`, the export `lightning.ckpt` (Lightning's own dict: state_dict, optimizer_states,
 lr_schedulers, loops, callbacks, hyper_parameters; the HF TrainerState and RNG states ride in the callbacks entry).
 It is written under a temporary name and renamed into place, so `get_last_checkpoint` never sees a partial one.
 
 Resuming reads either format and restores weights, optimizer, scheduler, TrainerState and, at the point transformers
 does, the RNG states; nothing is unpickled beyond tensors and the RNG allow-list (training_args.bin is never read).
+Lightning's `fit(ckpt_path=<folder> | "last")` reads the same folder through `FolderCheckpointIO`; an incomplete
+folder (see `missing_training_state`) is refused or, given explicitly to train(), warned about.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import safetensors.torch
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from transformers.trainer_callback import TrainerState
 from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import (
@@ -66,6 +70,16 @@ def resolve_resume_path(args, resume_from_checkpoint) -> str | None:
                 f"No valid checkpoint found in output directory ({args.output_dir}): resume_from_checkpoint=True but "
                 "no checkpoint-N folder was found there."
             )
+        # Another rank than the saving one may find it still aside (see _last_checkpoint): its files are there.
+        folder = path if os.path.isdir(path) else os.path.join(os.path.dirname(path), f"tmp-old-{os.path.basename(path)}")
+        missing = missing_training_state(folder, args) if os.path.isdir(folder) else []
+        if missing:
+            raise ValueError(
+                f"The latest checkpoint {path} is incomplete: it lacks {', '.join(missing)} (it was not saved with "
+                "save_only_model, which leaves out all of them). Resuming it would continue with a fresh optimizer "
+                "state, silently. Restore the missing file, delete the folder to resume from the previous checkpoint, "
+                "or pass its path as resume_from_checkpoint to resume it anyway."
+            )
         return path
     path = os.fspath(resume_from_checkpoint)
     if not os.path.exists(path):
@@ -77,7 +91,29 @@ def resolve_resume_path(args, resume_from_checkpoint) -> str | None:
             f"Can't find a valid checkpoint at {path}: resume_from_checkpoint={path!r} is not a checkpoint folder "
             f"(it has no {TRAINER_STATE_NAME})."
         )
+    if os.path.isdir(path) and (missing := missing_training_state(path, args)):
+        hf_logger.warning(
+            f"CHECKPOINT INCOMPLETE: {path} lacks {', '.join(missing)} and was not saved with save_only_model (which "
+            "leaves out all of them). Resuming it as asked, with the missing state started afresh: the run will NOT "
+            "continue as the interrupted one would have."
+        )
     return path
+
+
+def missing_training_state(folder: str, args) -> list[str]:
+    """The training-state files a checkpoint folder lacks; [] when complete or saved with `save_only_model`.
+
+    Neither trainer_state.json nor anything else readable without unpickling records `save_only_model`
+    (training_args.bin does, but it is never unpickled here). transformers and hf_lightning write optimizer.pt,
+    scheduler.pt and rng_state*.pth together unless save_only_model is set, and then none of them (nor
+    lightning.ckpt): a folder without all three (and no lightning.ckpt) is a model-only checkpoint, one without
+    some of them is damaged."""
+    rng_names = [n for n in os.listdir(folder) if re.fullmatch(r"rng_state(_\d+)?\.pth", n)]
+    missing = [n for n in (OPTIMIZER_NAME, SCHEDULER_NAME) if not os.path.isfile(os.path.join(folder, n))]
+    if not rng_names:
+        missing.append(_rng_file(args))
+    model_only = len(missing) == 3 and not os.path.isfile(os.path.join(folder, LIGHTNING_CKPT_NAME))
+    return [] if model_only else missing
 
 
 def sorted_checkpoints(output_dir: str) -> list[str]:
@@ -196,7 +232,7 @@ def save_checkpoint(hooks: TrainerHooks, run: RunState, lightning_trainer) -> st
     if args.should_save:
         _refresh_stateful_callbacks(run)
         state.save_to_json(os.path.join(tmp_dir, TRAINER_STATE_NAME))
-    if getattr(args, "save_lightning_checkpoint", True) and not args.save_only_model:
+    if getattr(args, "save_lightning_checkpoint", False) and not args.save_only_model:
         # the full state (optimizer, loops, callbacks): said explicitly, as Lightning otherwise notes its default
         lightning_trainer.save_checkpoint(os.path.join(tmp_dir, LIGHTNING_CKPT_NAME), weights_only=False)
     strategy.barrier("hf_lightning.save_checkpoint.written")  # every rank's files are in before the rename
@@ -290,10 +326,17 @@ def _load_weights(model, folder: str) -> None:
 
     single = os.path.join(folder, "model.safetensors")
     if os.path.isfile(single):
-        state_dict = safetensors.torch.load_file(single, device="cpu")
+        try:
+            state_dict = safetensors.torch.load_file(single, device="cpu")
+        except Exception as err:  # noqa: BLE001 - safetensors names no file ("incomplete metadata")
+            raise ValueError(f"Cannot read the model weights from {single!r} ({type(err).__name__}: {err}). The file "
+                             "is corrupt or truncated.") from err
         _load_state_dict_checked(model, state_dict, single)
     elif os.path.isfile(os.path.join(folder, "model.safetensors.index.json")):
-        load_sharded_checkpoint(model, folder, strict=True)
+        try:
+            load_sharded_checkpoint(model, folder, strict=True)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise ValueError(f"Cannot read the sharded model weights in {folder!r} ({type(err).__name__}: {err}).") from err
     else:
         raise ValueError(f"Checkpoint {folder!r} holds no model.safetensors: it cannot be resumed.")
 
@@ -574,3 +617,97 @@ def _last_checkpoint(output_dir: str) -> str | None:
         if match and match[1] and os.path.isdir(os.path.join(output_dir, name)):
             found.append(os.path.join(output_dir, match[2]))
     return max(found, key=lambda folder: int(folder.rsplit("-", 1)[1]), default=None)
+
+
+# ---------------------------------------------------------------------- Lightning's door to the same folders
+
+
+class FolderCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint I/O, reading transformers' `checkpoint-N/` folders as Lightning checkpoints.
+
+    `lightning_trainer.fit(module, ckpt_path="out/checkpoint-20")` (or "last", see `LastCheckpointFinder`) gets the
+    dict Lightning restores from: the folder's weights (loaded and checked here, tied weights and shards included),
+    optimizer.pt and scheduler.pt as `optimizer_states`/`lr_schedulers`, scaler.pt as the precision plugin's state,
+    and trainer_state.json plus this rank's RNG file as TrainingFlow's callback entry. There is no `loops` entry:
+    TrainingFlow moves Lightning's loop counters to the resumed step, as for `train(resume_from_checkpoint=...)`.
+    One copy of the state serves both doors; `lightning.ckpt` is only an export (`save_lightning_checkpoint`).
+    Every load is `weights_only` unless the caller passes `weights_only=False` for a .ckpt file."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.args = args
+        self.module = None  # the LightningModule being fitted, set by TrainingFlow.setup
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None):
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            if weights_only is False:
+                return super().load_checkpoint(path, map_location=map_location, weights_only=False)
+            return _torch_load(path, "a Lightning checkpoint")
+        if self.module is None:
+            raise RuntimeError(f"{path!r} is a checkpoint folder: it can be read only while hf_lightning fits a module.")
+        if not os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
+            raise ValueError(f"ckpt_path={path!r} is not a checkpoint folder (it has no {TRAINER_STATE_NAME}).")
+        # Refused rather than warned about (as an explicit resume_from_checkpoint is): a CheckpointIO cannot tell
+        # an explicit folder from the one "last" resolved to, and Lightning would resume with fresh state silently.
+        missing = missing_training_state(path, self.args)
+        if missing:
+            raise ValueError(f"{path} is incomplete: it lacks {', '.join(missing)} (it was not saved with "
+                             "save_only_model). Restore the file or resume from another checkpoint.")
+        return lightning_checkpoint_from_folder(path, self.module, self.args)
+
+
+def lightning_checkpoint_from_folder(folder: str, module, args) -> dict:
+    import lightning
+
+    _load_weights(module.model, folder)
+    state_file = os.path.join(folder, TRAINER_STATE_NAME)
+    try:
+        with open(state_file, encoding="utf-8") as f:
+            trainer_state = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"Cannot read {state_file!r}: {err}") from err
+    rng = None
+    for candidate in (_rng_file(args), "rng_state.pth"):
+        if os.path.isfile(os.path.join(folder, candidate)):
+            rng = _torch_load(os.path.join(folder, candidate), "the RNG state")
+            break
+    optional = lambda name: (  # noqa: E731
+        [_torch_load(os.path.join(folder, name), name)] if os.path.isfile(os.path.join(folder, name)) else [])
+    checkpoint = {
+        "pytorch-lightning_version": lightning.__version__,
+        "epoch": int(trainer_state.get("epoch") or 0),
+        "global_step": trainer_state["global_step"],
+        "state_dict": module.state_dict(),  # the weights just loaded (Lightning copies them onto themselves)
+        "optimizer_states": optional(OPTIMIZER_NAME),
+        "lr_schedulers": optional(SCHEDULER_NAME),
+        "callbacks": {FLOW_KEY: {"trainer_state": json.dumps(trainer_state, sort_keys=True),
+                                 "rng": {str(args.process_index): rng} if rng is not None else {}}},
+    }
+    if os.path.isfile(os.path.join(folder, SCALER_NAME)):
+        from lightning.pytorch.plugins.precision import MixedPrecision
+
+        checkpoint[MixedPrecision.__qualname__] = optional(SCALER_NAME)[0]  # restored by its load_state_dict
+    return checkpoint
+
+
+class LastCheckpointFinder(ModelCheckpoint):
+    """Makes Lightning's `fit(ckpt_path="last")` find the newest `checkpoint-N/` folder of output_dir; saves nothing
+    (save_top_k=0, no save_last: hf_lightning writes the folders itself).
+
+    Lightning resolves "last" among the files in a ModelCheckpoint's `dirpath` whose name starts with its
+    `CHECKPOINT_NAME_LAST` and ends with its `FILE_EXTENSION` (documented class attributes), taking the most recently
+    modified one; here those are the `checkpoint-N` folders (a killed save's tmp-checkpoint-N never matches)."""
+
+    CHECKPOINT_NAME_LAST = PREFIX_CHECKPOINT_DIR
+    FILE_EXTENSION = ""
+
+    def __init__(self, output_dir: str):
+        super().__init__(dirpath=output_dir, save_top_k=0, save_last=False)
+
+    # Nothing of it goes into an exported lightning.ckpt: it tracks no saves.
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass

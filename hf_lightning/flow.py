@@ -97,6 +97,8 @@ class TrainingFlow(pl.Callback):
 
     def setup(self, trainer, pl_module, stage):
         self._trainer = trainer
+        if isinstance(trainer.strategy.checkpoint_io, ckpt.FolderCheckpointIO):
+            trainer.strategy.checkpoint_io.module = pl_module  # fit(ckpt_path=<checkpoint-N folder>) loads into it
         pl_module.flow = self
         # An empty epoch must end the run before Lightning asks the empty iterator for a batch.
         self.windows.on_empty_epoch = lambda: setattr(trainer, "should_stop", True)
@@ -128,6 +130,8 @@ class TrainingFlow(pl.Callback):
             ckpt.load_callback_states(run)
             self._resume = ckpt.resume_point(run, self.plan, self._rng_from_lightning_ckpt)
             self.windows.skip_windows = self._resume.windows_to_skip
+            if os.path.isdir(trainer.ckpt_path):  # a checkpoint-N folder carries no Lightning loop state
+                compat.move_fit_loop_to(trainer, run.state.global_step, self._resume.epochs_trained)
         self.initial_global_step = run.state.global_step
         self.globalstep_last_logged = run.state.global_step
         run.initial_num_input_tokens_seen = run.state.num_input_tokens_seen

@@ -148,7 +148,7 @@ FIELD_POLICY: dict[str, tuple[str, str]] = {
     "local_rank": (LIGHTNING, "set by the launcher; Lightning reads the environment"),
     # Added by hf_lightning.TrainingArguments:
     "lightning_trainer_kwargs": (LIGHTNING, "passed to lightning.Trainer (plugins, profiler, strategy options ...)"),
-    "save_lightning_checkpoint": (HONOURED, "checkpoint-N/lightning.ckpt written beside the HF files"),
+    "save_lightning_checkpoint": (HONOURED, "export: checkpoint-N/lightning.ckpt written beside the HF files"),
 }
 
 # Values that are refused although they are legal for transformers.
@@ -174,8 +174,9 @@ class TrainingArguments(transformers.TrainingArguments):
         },
     )
     save_lightning_checkpoint: bool = field(
-        default=True,
-        metadata={"help": "Also write a Lightning `lightning.ckpt` file into every checkpoint-N folder."},
+        default=False,
+        metadata={"help": "Also write a Lightning `lightning.ckpt` file into every checkpoint-N folder (an export: "
+                          "Lightning's `fit(ckpt_path=)` reads the checkpoint-N folder itself)."},
     )
 
 
@@ -310,7 +311,9 @@ def translate_arguments(args: transformers.TrainingArguments) -> dict[str, Any]:
         "strategy": _strategy(args),
         # HF semantics run the loop's cadences: no sanity check, no Lightning checkpointing or gradient clipping.
         "num_sanity_val_steps": 0,
-        "enable_checkpointing": False,
+        # Lightning's checkpointing is on only for its ModelCheckpoint that resolves fit(ckpt_path="last") to the
+        # newest checkpoint-N folder (it saves nothing); the folder is read by FolderCheckpointIO.
+        "enable_checkpointing": True,
         "enable_model_summary": False,
         "use_distributed_sampler": False,
         "log_every_n_steps": 1,
@@ -332,6 +335,18 @@ def translate_arguments(args: transformers.TrainingArguments) -> dict[str, Any]:
     extra = dict(getattr(args, "lightning_trainer_kwargs", None) or {})
     _check_lightning_kwargs(extra, world_size)
     kwargs["callbacks"] += list(extra.pop("callbacks", None) or [])
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.plugins.io import CheckpointIO
+
+    from .checkpoint import FolderCheckpointIO, LastCheckpointFinder
+
+    # A user's own ModelCheckpoint keeps Lightning's "last" for its files; enable_checkpointing=False turns it off.
+    if extra.get("enable_checkpointing", True) and not any(isinstance(cb, ModelCheckpoint) for cb in kwargs["callbacks"]):
+        kwargs["callbacks"].append(LastCheckpointFinder(args.output_dir))
+    plugins = extra.pop("plugins", None) or []
+    plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    # A user's own CheckpointIO wins (then only .ckpt files are Lightning checkpoints).
+    kwargs["plugins"] = plugins if any(isinstance(p, CheckpointIO) for p in plugins) else [FolderCheckpointIO(args), *plugins]
     kwargs.update(extra)
     return kwargs
 

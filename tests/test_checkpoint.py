@@ -88,8 +88,11 @@ def uninterrupted(tmp_path_factory, job):
     return root
 
 
-def test_folder_layout_matches_transformers(uninterrupted):
+def test_folder_layout_matches_transformers(uninterrupted, tmp_path):
     hl, hf = uninterrupted / "hl" / "checkpoint-4", uninterrupted / "hf" / "checkpoint-4"
+    # By default a folder holds exactly transformers' files; the job's runs also export lightning.ckpt.
+    _trainer(tmp_path / "default", max_steps=2).train()
+    assert sorted(os.listdir(tmp_path / "default" / "checkpoint-2")) == sorted(os.listdir(hf))
     assert sorted(os.listdir(hl)) == sorted(os.listdir(hf) + ["lightning.ckpt"])
     hl_state = json.load(open(hl / "trainer_state.json"))
     hf_state = json.load(open(hf / "trainer_state.json"))
@@ -255,7 +258,7 @@ def test_best_model_and_total_limit(tmp_path):
 
 
 def test_model_rebuilt_from_the_lightning_checkpoint_alone(tmp_path):
-    trainer = _trainer(tmp_path)
+    trainer = _trainer(tmp_path, save_lightning_checkpoint=True)
     trainer.train()
     model = hf_lightning.model_from_lightning_checkpoint(str(tmp_path / "checkpoint-4" / "lightning.ckpt"))
     assert type(model) is type(trainer.model)
@@ -321,23 +324,43 @@ def test_best_checkpoint_that_was_never_saved(tmp_path):
 
 
 def test_plain_lightning_fit_with_ckpt_path(tmp_path):
-    def args(out):
+    def args(out, **kw):
         return hf_lightning.TrainingArguments(str(out), per_device_train_batch_size=3, gradient_accumulation_steps=2,
                                               num_train_epochs=3, save_steps=2, report_to="none", disable_tqdm=True,
-                                              learning_rate=1e-2)
+                                              learning_rate=1e-2, **kw)
 
-    full = hf_lightning.Trainer(tiny_bert(dropout=0.2), args=args(tmp_path / "full"),
+    full = hf_lightning.Trainer(tiny_bert(dropout=0.2), args=args(tmp_path / "full", save_lightning_checkpoint=True),
                                 train_dataset=classification_dataset(20))
     full.train()
-    # 4 update steps per epoch: checkpoint-6 is mid-epoch, checkpoint-4 ends epoch 1.
-    for name in ("checkpoint-6", "checkpoint-4"):
-        other = hf_lightning.Trainer(tiny_bert(dropout=0.2, seed=9), args=args(tmp_path / name),
-                                     train_dataset=classification_dataset(20))
-        other.train()  # sets up the run; then continue it the Lightning way from a checkpoint of `full`
-        other.lightning_trainer.fit(other.lightning_module, ckpt_path=str(tmp_path / "full" / name / "lightning.ckpt"))
-        assert other.state.global_step == other.lightning_trainer.global_step == 12
+    # 4 update steps per epoch: checkpoint-6 is mid-epoch, checkpoint-4 ends epoch 1. The checkpoint-N folder itself
+    # (read by FolderCheckpointIO), the exported lightning.ckpt, and "last" (the newest folder of output_dir).
+    out = tmp_path / "other"
+    other = hf_lightning.Trainer(tiny_bert(dropout=0.2, seed=9), args=args(out),
+                                 train_dataset=classification_dataset(20))
+    other.train()  # sets up the run; then continue it the Lightning way from checkpoints of `full`
+    for name, door in [("checkpoint-6", "folder"), ("checkpoint-4", "folder"), ("checkpoint-6", "lightning.ckpt"),
+                       ("checkpoint-4", "last")]:
+        if door == "last":
+            for folder in out.glob("checkpoint-*"):
+                shutil.rmtree(folder)
+            shutil.copytree(tmp_path / "full" / name, out / name)
+        path = {"folder": tmp_path / "full" / name, "lightning.ckpt": tmp_path / "full" / name / "lightning.ckpt",
+                "last": "last"}[door]
+        loads = []
+        with pytest.MonkeyPatch.context() as patch:  # records how every file is loaded
+            real_load = torch.load
+            patch.setattr(torch, "load", lambda *a, **kw: loads.append(kw.get("weights_only")) or real_load(*a, **kw))
+            other.lightning_trainer.fit(other.lightning_module, ckpt_path=str(path))
+        assert loads and all(value is True for value in loads), (door, loads)  # passed, not left to a default
+        assert other.state.global_step == other.lightning_trainer.global_step == 12, (name, door)
         for key, value in full.model.state_dict().items():
-            assert torch.equal(other.model.state_dict()[key], value), (name, key)
+            assert torch.equal(other.model.state_dict()[key], value), (name, door, key)
+    # An incomplete folder is refused through this door too, the missing file named.
+    broken = tmp_path / "broken"
+    shutil.copytree(tmp_path / "full" / "checkpoint-6", broken)
+    os.remove(broken / "scheduler.pt")
+    with pytest.raises(ValueError, match="lacks scheduler.pt"):
+        other.lightning_trainer.fit(other.lightning_module, ckpt_path=str(broken))
 
 
 
@@ -385,7 +408,7 @@ def test_resume_loads_weights_through_the_models_own_load_state_dict(tmp_path):
     lightning_way = trainer(hf_lightning.Trainer, hf_lightning.TrainingArguments, tmp_path / "lightning", model())
     lightning_way.train()
     lightning_way.lightning_trainer.fit(lightning_way.lightning_module,
-                                        ckpt_path=str(tmp_path / "full" / "checkpoint-2" / "lightning.ckpt"))
+                                        ckpt_path=str(tmp_path / "full" / "checkpoint-2"))
     results["lightning"] = lightning_way.model.state_dict()
     for name, value in full.model.state_dict().items():
         assert torch.allclose(results["hl"][name], value, atol=1e-6), name
@@ -398,3 +421,65 @@ def test_resume_loads_weights_through_the_models_own_load_state_dict(tmp_path):
                         num_attention_heads=2, num_key_value_heads=2)))
     with pytest.raises(ValueError, match=r"does not fit LlamaForCausalLM: missing \['lm_head.weight'.*unexpected"):
         other.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+
+
+def test_incomplete_checkpoints_are_refused_or_warned_about(tmp_path):
+    import logging
+
+    _trainer(tmp_path / "run").train()
+    _trainer(tmp_path / "model_only", save_only_model=True).train()
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        out = tmp_path / f"without-{name}"
+        shutil.copytree(tmp_path / "run", out)
+        os.remove(out / "checkpoint-4" / name)
+        # Found by resume_from_checkpoint=True: refused, the missing file named, nothing trained.
+        with pytest.raises(ValueError, match=rf"checkpoint-4 is incomplete: it lacks {re.escape(name)}"):
+            _trainer(out).train(resume_from_checkpoint=True)
+        assert sorted(os.listdir(out)) == ["checkpoint-2", "checkpoint-4"]
+    # Given explicitly: resumed as asked, with a loud warning naming the file.
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        _trainer(tmp_path / "explicit", max_steps=6).train(
+            resume_from_checkpoint=str(tmp_path / "without-optimizer.pt" / "checkpoint-4"))
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert any("CHECKPOINT INCOMPLETE" in line and "optimizer.pt" in line for line in lines), lines
+    # A save_only_model checkpoint (none of the three files) resumes as transformers resumes it.
+    trainer = _trainer(tmp_path / "model_only", max_steps=6, save_only_model=True)
+    trainer.train(resume_from_checkpoint=True)
+    assert trainer.state.global_step == 6
+    # Truncated weights: the file is named (safetensors' own error names none).
+    broken = tmp_path / "truncated"
+    shutil.copytree(tmp_path / "run", broken)
+    weights = broken / "checkpoint-4" / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(50)
+    with pytest.raises(ValueError, match=re.escape(str(weights))):
+        _trainer(broken, max_steps=6).train(resume_from_checkpoint=True)
+
+
+def test_lightning_door_installation_respects_user_settings(tmp_path):
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    from hf_lightning.checkpoint import FolderCheckpointIO, LastCheckpointFinder
+    from hf_lightning.training_args import translate_arguments
+
+    def lightning_trainer(**extra):
+        args = hf_lightning.TrainingArguments(str(tmp_path), use_cpu=True, report_to="none",
+                                              lightning_trainer_kwargs=extra)
+        return pl.Trainer(**translate_arguments(args), logger=False)
+
+    default = lightning_trainer()
+    assert isinstance(default.strategy.checkpoint_io, FolderCheckpointIO)
+    assert isinstance(default.checkpoint_callback, LastCheckpointFinder)
+    # Lightning's checkpointing switched off, a ModelCheckpoint or CheckpointIO of the user's: theirs are kept.
+    assert lightning_trainer(enable_checkpointing=False).checkpoint_callback is None
+    own = ModelCheckpoint(dirpath=str(tmp_path / "mine"))
+    assert lightning_trainer(callbacks=[own]).checkpoint_callbacks == [own]
+    io = TorchCheckpointIO()
+    assert lightning_trainer(plugins=[io]).strategy.checkpoint_io is io

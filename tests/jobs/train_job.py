@@ -156,10 +156,12 @@ def main(argv) -> None:
         install_kill_point(opts.kill)
     trainer_cls = transformers.Trainer if opts.framework == "hf" else hf_lightning.Trainer
     args_cls = transformers.TrainingArguments if opts.framework == "hf" else hf_lightning.TrainingArguments
+    # hf_lightning's runs export lightning.ckpt too, so that kills inside that file and resumes from it are covered.
+    export = {} if opts.framework == "hf" else {"save_lightning_checkpoint": True}
     args = args_cls(
         opts.output_dir, per_device_train_batch_size=3, gradient_accumulation_steps=opts.grad_accum,
         num_train_epochs=3, save_steps=opts.save_steps, logging_steps=1, learning_rate=1e-2, report_to="none",
-        disable_tqdm=True, use_cpu=True, seed=7, enable_jit_checkpoint=opts.jit,
+        disable_tqdm=True, use_cpu=True, seed=7, enable_jit_checkpoint=opts.jit, **export,
     )
     trainer = trainer_cls(tiny_bert(dropout=0.2), args=args, train_dataset=classification_dataset(20),
                           callbacks=[Report(opts.kill, opts.signal)])
