@@ -13,6 +13,9 @@ import gc as _gc
 _gc_was_enabled = _gc.isenabled()
 _gc.disable()
 try:
+    # Lightning before transformers' trainer pieces: imported after them, its torchmetrics -> scipy.signal import
+    # takes ~0.2 s longer here (measured with `python -X importtime`, bench/README.md).
+    import lightning.pytorch  # noqa: F401
     from transformers import (
         DataCollatorForLanguageModeling,
         DataCollatorWithPadding,

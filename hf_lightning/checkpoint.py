@@ -705,6 +705,12 @@ class LastCheckpointFinder(ModelCheckpoint):
     def __init__(self, output_dir: str):
         super().__init__(dirpath=output_dir, save_top_k=0, save_last=False)
 
+    @property
+    def state_key(self) -> str:
+        # Lightning reads a callback's state_key around every hook call; ModelCheckpoint's builds a string of its
+        # settings each time. One finder per Trainer: a constant key is unique.
+        return "hf_lightning.LastCheckpointFinder"
+
     # Nothing of it goes into an exported lightning.ckpt: it tracks no saves.
     def state_dict(self) -> dict:
         return {}
