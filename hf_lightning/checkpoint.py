@@ -22,6 +22,7 @@ import os
 import random
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -321,11 +322,78 @@ def determine_best_metric(run: RunState, metrics: dict) -> bool:
     return False
 
 
+_ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def _peft_model(model):
+    """The model as a peft `PeftModel`/`PeftMixedModel`, or None. peft is imported only if something else did (a
+    model cannot be a PeftModel otherwise), so a run without adapters never pays for the import."""
+    peft = sys.modules.get("peft")
+    return model if peft is not None and isinstance(model, (peft.PeftModel, peft.PeftMixedModel)) else None
+
+
+def _adapter_config_line(folder: str) -> str:
+    try:
+        with open(os.path.join(folder, "adapter_config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return "an adapter (no readable adapter_config.json)"
+    keys = ("peft_type", "r", "target_modules", "base_model_name_or_path")
+    return "adapter config " + ", ".join(f"{k}={config.get(k)!r}" for k in keys if k in config)
+
+
+def _load_adapter_weights(model, folder: str) -> None:
+    """transformers' `_load_from_checkpoint` for a PEFT model: the active adapter's weights from
+    adapter_model.safetensors. transformers calls `model.load_adapter(folder, active, is_trainable=True)`, which
+    loads the same tensors through `set_peft_model_state_dict`; called directly here because hf_lightning restores
+    after the optimizer exists, and load_adapter may rebuild the adapter layers (new Parameters the optimizer would
+    not hold) where set_peft_model_state_dict copies into the existing ones."""
+    from peft import load_peft_weights, set_peft_model_state_dict
+
+    active = model.active_adapters
+    if len(active) > 1:
+        hf_logger.warning("Multiple active adapters detected will only consider the first adapter")
+    subdirs = [name for name in sorted(os.listdir(folder)) if any(
+        os.path.isfile(os.path.join(folder, name, file)) for file in _ADAPTER_FILES)]
+    if subdirs or not any(os.path.isfile(os.path.join(folder, file)) for file in _ADAPTER_FILES):
+        raise ValueError(
+            f"Checkpoint {folder!r} holds no adapter_model.safetensors for the PEFT model's adapter {active[0]!r}"
+            + (f" (it holds adapters in {subdirs}: hf_lightning resumes one adapter per model)" if subdirs else "")
+            + ": it cannot be resumed.")
+    try:
+        state_dict = load_peft_weights(folder, device="cpu")
+    except Exception as err:  # noqa: BLE001 - safetensors names no file ("incomplete metadata")
+        raise ValueError(f"Cannot read the adapter weights in {folder!r} ({type(err).__name__}: {err}).") from err
+    mine = model.peft_config[active[0]]
+    refuse = lambda detail: ValueError(  # noqa: E731
+        f"Checkpoint {folder!r} ({_adapter_config_line(folder)}) does not fit the model's adapter {active[0]!r} "
+        f"(peft_type={mine.peft_type!r}, r={getattr(mine, 'r', None)!r}, "
+        f"target_modules={getattr(mine, 'target_modules', None)!r}): {detail}. Wrap the model with the adapter "
+        "config the checkpoint was written with.")
+    try:
+        result = set_peft_model_state_dict(model, state_dict, adapter_name=active[0])
+    except RuntimeError as err:  # torch names each size mismatch
+        raise refuse(str(err)) from err
+    # The base model's keys are all "missing" (only adapter weights are saved); the adapter's must all be there.
+    own = set(model.state_dict())
+    wanted = {k for k in own if f".{active[0]}." in k and any(p in k for p in ("lora_", "modules_to_save"))}
+    missing = wanted & set(result.missing_keys)
+    if missing or result.unexpected_keys:
+        raise refuse(f"missing {sorted(missing)[:5]}, unexpected {sorted(result.unexpected_keys)[:5]}")
+
+
 def _load_weights(model, folder: str) -> None:
     from transformers.trainer_utils import load_sharded_checkpoint
 
     single = os.path.join(folder, "model.safetensors")
-    if os.path.isfile(single):
+    if _peft_model(model) is not None and not os.path.isfile(single):
+        _load_adapter_weights(model, folder)
+    elif os.path.isfile(os.path.join(folder, "adapter_config.json")) and not os.path.isfile(single):
+        raise ValueError(
+            f"Checkpoint {folder!r} holds PEFT adapter weights ({_adapter_config_line(folder)}), but the model is a "
+            f"plain {model.__class__.__name__} with no adapters: wrap it with peft's get_peft_model(model, <that "
+            "config>) before resuming, as it was when the checkpoint was written.")
+    elif os.path.isfile(single):
         try:
             state_dict = safetensors.torch.load_file(single, device="cpu")
         except Exception as err:  # noqa: BLE001 - safetensors names no file ("incomplete metadata")

@@ -24,7 +24,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
 from transformers.trainer_callback import TrainerState
 from transformers.trainer_pt_utils import LengthGroupedSampler
-from transformers.trainer_utils import RemoveColumnsCollator, find_executable_batch_size, has_length, seed_worker
+from transformers.trainer_utils import (
+    RemoveColumnsCollator, find_executable_batch_size, has_length, seed_worker, unwrap_peft_model,
+)
 
 from .run import TrainingPlan
 
@@ -40,8 +42,9 @@ def is_datasets_dataset(dataset) -> bool:
 
 
 def signature_columns(model, label_names: list[str]) -> list[str]:
-    """The columns a batch may keep: the arguments of the model's forward, plus the label columns."""
-    columns = list(inspect.signature(model.forward).parameters.keys())
+    """The columns a batch may keep: the arguments of the model's forward, plus the label columns. A PEFT model's
+    forward takes *args/**kwargs: transformers inspects its base model's, as here."""
+    columns = list(inspect.signature(unwrap_peft_model(model).forward).parameters.keys())
     return columns + list(set(["label", "label_ids"] + list(label_names)))
 
 
@@ -98,7 +101,7 @@ def check_batch_fits_model(model, dataloader: DataLoader, description: str) -> N
     if not isinstance(batch, Mapping):
         return
     main_input = getattr(model, "main_input_name", "input_ids")
-    accepted = set(inspect.signature(model.forward).parameters)
+    accepted = set(inspect.signature(unwrap_peft_model(model).forward).parameters)
     if main_input in accepted and main_input not in batch and "inputs_embeds" not in batch:
         raise ValueError(
             f"The {description} batches have no `{main_input}`, which {model.__class__.__name__}.forward needs; "

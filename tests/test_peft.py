@@ -1,0 +1,107 @@
+"""PEFT (LoRA) adapters: resuming an adapter checkpoint exactly as transformers.Trainer does (issue #16)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import transformers
+
+peft = pytest.importorskip("peft", reason="peft is optional: pip install 'hf_lightning[peft]' (or the dev extra)")
+
+import hf_lightning  # noqa: E402
+from tests.differential import assert_same_history  # noqa: E402
+from tests.helpers import lm_dataset, tiny_llama  # noqa: E402
+
+ARGS = dict(report_to="none", disable_tqdm=True, use_cpu=True, max_steps=4, save_strategy="steps", save_steps=2,
+            per_device_train_batch_size=4, logging_steps=1, learning_rate=1e-2, seed=0)
+CLASSES = {"hf": (transformers.Trainer, transformers.TrainingArguments),
+           "hl": (hf_lightning.Trainer, hf_lightning.TrainingArguments)}
+
+
+def lora_llama():
+    return peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+
+
+def _trainer(kind: str, output_dir, model=None):
+    trainer_cls, args_cls = CLASSES[kind]
+    return trainer_cls(model if model is not None else lora_llama(), args=args_cls(output_dir=str(output_dir), **ARGS),
+                       train_dataset=lm_dataset(n=16))
+
+
+def _adapter(trainer) -> dict:
+    return {k: v.detach().clone() for k, v in peft.get_peft_model_state_dict(trainer.model).items()}
+
+
+@pytest.fixture(scope="module")
+def full_runs(tmp_path_factory):
+    """Uninterrupted 4-step LoRA runs, saving checkpoint-2 and checkpoint-4, one per trainer."""
+    root = tmp_path_factory.mktemp("peft")
+    runs = {}
+    for kind in ("hf", "hl"):
+        trainer = _trainer(kind, root / kind)
+        trainer.train()
+        runs[kind] = (trainer.state.log_history, _adapter(trainer), root / kind)
+    return runs
+
+
+def _assert_same_adapter(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=atol, rtol=0), (key, (a[key] - b[key]).abs().max().item())
+
+
+def test_uninterrupted_lora_runs_match(full_runs):
+    hf_log, hf_adapter, hf_dir = full_runs["hf"]
+    hl_log, hl_adapter, hl_dir = full_runs["hl"]
+    assert_same_history(hf_log, hl_log)
+    _assert_same_adapter(hf_adapter, hl_adapter, atol=1e-6)
+    assert (hl_dir / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    assert not (hl_dir / "checkpoint-2" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("source", ["hf", "hl"])
+def test_resume_adapter_checkpoint_matches_transformers(full_runs, source, tmp_path):
+    """Each trainer resumes checkpoint-2 of each trainer's run (cross-resume included): the log history and the final
+    adapter weights are those of the uninterrupted run, in both trainers."""
+    folder = str(full_runs[source][2] / "checkpoint-2")
+    resumed = {}
+    for kind in ("hf", "hl"):
+        trainer = _trainer(kind, tmp_path / kind)
+        trainer.train(resume_from_checkpoint=folder)
+        resumed[kind] = trainer
+    assert_same_history(resumed["hf"].state.log_history, resumed["hl"].state.log_history)
+    _assert_same_adapter(_adapter(resumed["hf"]), _adapter(resumed["hl"]), atol=1e-6)
+    # hf_lightning resuming its own checkpoint ends bitwise where its uninterrupted run did.
+    _assert_same_adapter(_adapter(resumed["hl"]), full_runs["hl"][1], atol=0 if source == "hl" else 1e-6)
+    # (train_loss, the last entry, averages only the steps this train() call ran, in both trainers.)
+    assert_same_history(full_runs["hl"][0][:-1], resumed["hl"].state.log_history[:-1])
+
+
+def test_resume_true_finds_the_adapter_checkpoint(full_runs, tmp_path):
+    shutil.copytree(full_runs["hl"][2] / "checkpoint-2", tmp_path / "checkpoint-2")
+    trainer = _trainer("hl", tmp_path)
+    trainer.train(resume_from_checkpoint=True)
+    assert trainer.state.global_step == 4
+    _assert_same_adapter(_adapter(trainer), full_runs["hl"][1], atol=0)
+
+
+def test_num_trainable_parameters_match_transformers(tmp_path):
+    counts = {kind: _trainer(kind, tmp_path / kind).get_num_trainable_parameters() for kind in ("hf", "hl")}
+    assert counts["hf"] == counts["hl"] == lora_llama().get_nb_trainable_parameters()[0]
+
+
+def test_adapter_checkpoint_into_plain_model_is_refused(full_runs, tmp_path):
+    folder = str(full_runs["hl"][2] / "checkpoint-2")
+    trainer = _trainer("hl", tmp_path, model=tiny_llama())
+    with pytest.raises(ValueError, match=r"(?s)PEFT adapter weights.*peft_type='LORA', r=4.*plain LlamaForCausalLM"):
+        trainer.train(resume_from_checkpoint=folder)
+
+
+def test_adapter_checkpoint_into_other_adapter_config_is_refused(full_runs, tmp_path):
+    folder = str(full_runs["hl"][2] / "checkpoint-2")
+    other = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    trainer = _trainer("hl", tmp_path, model=other)
+    with pytest.raises(ValueError, match=r"(?s)r=4.*does not fit.*r=8"):
+        trainer.train(resume_from_checkpoint=folder)
