@@ -339,7 +339,8 @@ def _adapter_config_line(folder: str) -> str:
     except (OSError, json.JSONDecodeError):
         return "an adapter (no readable adapter_config.json)"
     keys = ("peft_type", "r", "target_modules", "base_model_name_or_path")
-    return "adapter config " + ", ".join(f"{k}={config.get(k)!r}" for k in keys if k in config)
+    show = lambda value: sorted(value) if isinstance(value, list) else value  # noqa: E731 - saved from a set
+    return "adapter config " + ", ".join(f"{k}={show(config.get(k))!r}" for k in keys if k in config)
 
 
 def _load_adapter_weights(model, folder: str) -> None:
@@ -348,7 +349,7 @@ def _load_adapter_weights(model, folder: str) -> None:
     loads the same tensors through `set_peft_model_state_dict`; called directly here because hf_lightning restores
     after the optimizer exists, and load_adapter may rebuild the adapter layers (new Parameters the optimizer would
     not hold) where set_peft_model_state_dict copies into the existing ones."""
-    from peft import load_peft_weights, set_peft_model_state_dict
+    from peft import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 
     active = model.active_adapters
     if len(active) > 1:
@@ -365,21 +366,25 @@ def _load_adapter_weights(model, folder: str) -> None:
     except Exception as err:  # noqa: BLE001 - safetensors names no file ("incomplete metadata")
         raise ValueError(f"Cannot read the adapter weights in {folder!r} ({type(err).__name__}: {err}).") from err
     mine = model.peft_config[active[0]]
+    targets = getattr(mine, "target_modules", None)
+    targets = sorted(targets) if isinstance(targets, (set, list, tuple)) else targets  # a set in memory
     refuse = lambda detail: ValueError(  # noqa: E731
         f"Checkpoint {folder!r} ({_adapter_config_line(folder)}) does not fit the model's adapter {active[0]!r} "
-        f"(peft_type={mine.peft_type!r}, r={getattr(mine, 'r', None)!r}, "
-        f"target_modules={getattr(mine, 'target_modules', None)!r}): {detail}. Wrap the model with the adapter "
+        f"(peft_type={getattr(mine.peft_type, 'value', mine.peft_type)!r}, r={getattr(mine, 'r', None)!r}, "
+        f"target_modules={targets!r}): {detail}. Wrap the model with the adapter "
         "config the checkpoint was written with.")
+    # Compared in the saved form (adapter name stripped) before loading, so a mismatch loads nothing; the base
+    # model's keys are all absent from the file by design.
+    own = set(get_peft_model_state_dict(model, adapter_name=active[0]))
+    missing, unexpected = own - set(state_dict), set(state_dict) - own
+    if missing or unexpected:
+        raise refuse(f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
     try:
         result = set_peft_model_state_dict(model, state_dict, adapter_name=active[0])
     except RuntimeError as err:  # torch names each size mismatch
         raise refuse(str(err)) from err
-    # The base model's keys are all "missing" (only adapter weights are saved); the adapter's must all be there.
-    own = set(model.state_dict())
-    wanted = {k for k in own if f".{active[0]}." in k and any(p in k for p in ("lora_", "modules_to_save"))}
-    missing = wanted & set(result.missing_keys)
-    if missing or result.unexpected_keys:
-        raise refuse(f"missing {sorted(missing)[:5]}, unexpected {sorted(result.unexpected_keys)[:5]}")
+    if result.unexpected_keys:
+        raise refuse(f"unexpected {sorted(result.unexpected_keys)[:5]}")
 
 
 def _load_weights(model, folder: str) -> None:

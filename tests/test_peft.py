@@ -105,3 +105,12 @@ def test_adapter_checkpoint_into_other_adapter_config_is_refused(full_runs, tmp_
     trainer = _trainer("hl", tmp_path, model=other)
     with pytest.raises(ValueError, match=r"(?s)r=4.*does not fit.*r=8"):
         trainer.train(resume_from_checkpoint=folder)
+
+
+def test_adapter_checkpoint_into_other_target_modules_is_refused(full_runs, tmp_path):
+    """Same rank, other target modules: no size mismatch for torch to catch, only the adapter's key names differ."""
+    folder = str(full_runs["hl"][2] / "checkpoint-2")
+    other = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["k_proj", "v_proj"]))
+    trainer = _trainer("hl", tmp_path, model=other)
+    with pytest.raises(ValueError, match=r"(?s)target_modules=.*does not fit.*k_proj.*missing.*k_proj.*unexpected.*q_proj"):
+        trainer.train(resume_from_checkpoint=folder)
