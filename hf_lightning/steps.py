@@ -18,6 +18,7 @@ from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
 from transformers.modeling_utils import PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
 from transformers.trainer_pt_utils import LabelSmoother, nested_detach
+from transformers.trainer_utils import unwrap_peft_model
 from transformers.utils.generic import can_return_loss, find_labels
 
 from . import inputs
@@ -45,17 +46,19 @@ def inspect_model(model: nn.Module, args) -> ModelTraits:
             "computes hidden states and does not accept any labels. Choose a model with a head suitable for your "
             "task, like any of the `AutoModelForXxx` classes."
         )
-    if hasattr(model, "accepts_loss_kwargs"):
-        accepts_loss_kwargs = model.accepts_loss_kwargs
+    # A PEFT model's forward takes *args/**kwargs: transformers reads the traits off its base model.
+    inner = unwrap_peft_model(model)
+    if hasattr(inner, "accepts_loss_kwargs"):
+        accepts_loss_kwargs = inner.accepts_loss_kwargs
     else:
-        forward_params = inspect.signature(model.forward).parameters
+        forward_params = inspect.signature(inner.forward).parameters
         accepts_loss_kwargs = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in forward_params.values())
-    config = getattr(model, "config", None)
+    config = getattr(inner, "config", None)
     return ModelTraits(
         model_accepts_loss_kwargs=accepts_loss_kwargs,
-        label_names=find_labels(model.__class__) if args.label_names is None else args.label_names,
-        can_return_loss=can_return_loss(model.__class__),
-        loss_shifts_labels=LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss
+        label_names=find_labels(inner.__class__) if args.label_names is None else args.label_names,
+        can_return_loss=can_return_loss(inner.__class__),
+        loss_shifts_labels=LOSS_MAPPING.get(getattr(inner, "loss_type", None)) is ForCausalLMLoss
         and not getattr(config, "is_encoder_decoder", False),
         label_smoother=inputs.label_smoother(model, args),
     )

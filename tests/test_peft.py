@@ -114,3 +114,20 @@ def test_adapter_checkpoint_into_other_target_modules_is_refused(full_runs, tmp_
     trainer = _trainer("hl", tmp_path, model=other)
     with pytest.raises(ValueError, match=r"(?s)target_modules=.*does not fit.*k_proj.*missing.*k_proj.*unexpected.*q_proj"):
         trainer.train(resume_from_checkpoint=folder)
+
+
+def test_load_best_model_at_end_restores_the_best_adapter(tmp_path):
+    """load_best_model_at_end reads the best checkpoint's adapter weights (the same loader as resuming)."""
+    runs = {}
+    for kind in ("hf", "hl"):
+        trainer_cls, args_cls = CLASSES[kind]
+        args = args_cls(output_dir=str(tmp_path / kind), **{**ARGS, "learning_rate": 5e-2}, eval_strategy="steps",
+                        eval_steps=2, load_best_model_at_end=True, save_total_limit=1,
+                        greater_is_better=True)  # eval_loss falls: the best is then checkpoint-2, not the last one
+        trainer = trainer_cls(lora_llama(), args=args, train_dataset=lm_dataset(n=16), eval_dataset=lm_dataset(n=8, seed=1))
+        trainer.train()
+        runs[kind] = trainer
+    assert runs["hf"].state.best_model_checkpoint.endswith("checkpoint-2")
+    assert runs["hl"].state.best_model_checkpoint.endswith("checkpoint-2")
+    assert_same_history(runs["hf"].state.log_history, runs["hl"].state.log_history)
+    _assert_same_adapter(_adapter(runs["hf"]), _adapter(runs["hl"]), atol=1e-6)
