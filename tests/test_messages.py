@@ -76,7 +76,10 @@ SCRIPT = textwrap.dedent("""
     import sys
     sys.path.insert(0, sys.argv[2])
     from helpers import classification_dataset, tiny_bert
-    from hf_lightning import Trainer, TrainingArguments
+    if sys.argv[3] == "transformers":
+        from transformers import Trainer, TrainingArguments
+    else:
+        from hf_lightning import Trainer, TrainingArguments
 
     def run(resume=None):
         args = TrainingArguments(sys.argv[1], report_to="none", use_cpu=True, log_level="info", max_steps=4,
@@ -94,12 +97,19 @@ NOISE = ("GPU available", "TPU available", "Tip:", "in eval mode", "weights_only
 def test_a_run_prints_transformers_lines_and_no_lightning_noise(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(hf_lightning.__file__)),
                                                         os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), os.path.dirname(__file__)],
-                         capture_output=True, text=True, env=env, timeout=300)
-    printed = out.stdout + out.stderr
-    assert out.returncode == 0, printed[-3000:]
+    printed = {}
+    for framework in ("transformers", "hf_lightning"):
+        out = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / framework), os.path.dirname(__file__),
+                              framework], capture_output=True, text=True, env=env, timeout=300)
+        printed[framework] = out.stdout + out.stderr
+        assert out.returncode == 0, printed[framework][-3000:]
+    # What transformers' own run prints too is not hf_lightning's noise: with peft installed (the dev extra),
+    # importing transformers.trainer_utils imports peft, which imports bitsandbytes, which prints its kernels notice.
     for noise in NOISE:
-        assert noise not in printed, (noise, printed[-3000:])
+        if noise not in printed["transformers"]:
+            assert noise not in printed["hf_lightning"], (noise, printed["hf_lightning"][-3000:])
+    tmp_path = tmp_path / "hf_lightning"
+    printed = printed["hf_lightning"]
     for line in ("***** Running training *****", f"Saving model checkpoint to {tmp_path}/checkpoint-2",
                  "Fast-forwarding the dataloader past 0 epochs and 2 batches", "{'train_runtime'"):
         assert line in printed, (line, printed[-3000:])
