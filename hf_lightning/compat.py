@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 
 # ---------------------------------------------------------------------- Lightning
 
@@ -72,6 +73,19 @@ def unscales_in_step(optimizer) -> bool:
     `_step_supports_amp_scaling`, which GradScaler reads); Lightning then leaves the unscaling to it."""
     optimizer = getattr(optimizer, "optimizer", optimizer)  # Lightning's LightningOptimizer wraps it
     return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
+# ---------------------------------------------------------------------- torch
+
+
+def compiled_call(module: torch.nn.Module):
+    """The compiled forward that `module.compile()` installed in place (None when not compiled): kept aside while
+    the model evaluates inside fit, and dropped after training, since `nn.Module` has no public way to undo it."""
+    return module._compiled_call_impl
+
+
+def set_compiled_call(module: torch.nn.Module, call) -> None:
+    module._compiled_call_impl = call
 
 
 # ---------------------------------------------------------------------- transformers

@@ -6,6 +6,7 @@
     torch_empty_cache_steps      EmptyDeviceCache   the device cache emptied before the backward every N steps
     bf16_full_eval/fp16_full_eval FullEvalCast      evaluate()/predict() with the model cast to that dtype
     debug="underflow_overflow"   UnderflowOverflow  transformers' DebugUnderflowOverflow on the model being fitted
+    torch_compile(_backend/_mode) TorchCompile      the training forward compiled in place, as accelerate.prepare does
 """
 
 from __future__ import annotations
@@ -120,6 +121,54 @@ class UnderflowOverflow(pl.Callback):
             DebugUnderflowOverflow(pl_module.model)
 
 
+class TorchCompile(pl.Callback):
+    """`torch_compile`, `torch_compile_backend`, `torch_compile_mode`: the training forward compiled with the keyword
+    arguments of accelerate's TorchDynamoPlugin, as transformers' `accelerator.prepare` compiles `model_wrapped`.
+
+    The model is compiled in place (`nn.Module.compile`) rather than wrapped in an OptimizedModule, so that
+    `trainer.model` stays the user's object and its state dict, checkpoints and optimizer state keep the parameter
+    names without `_orig_mod.`. As in transformers, evaluation during and after training runs uncompiled (its
+    `_wrap_model(self.model, training=False)`), and the compilation is dropped when training ends. One difference:
+    transformers also compiles an evaluate()/predict() that runs before any train(); here those run uncompiled.
+    """
+
+    def __init__(self, backend: str | None, mode: str | None):
+        from accelerate.utils import TorchDynamoPlugin
+
+        # transformers' own plugin; the Neuron backend cannot compile graphs with dynamic shapes.
+        self.kwargs = TorchDynamoPlugin(backend=backend, mode=mode,
+                                        dynamic=False if backend == "neuron" else None).to_kwargs()
+        self._set_aside = None
+
+    def on_train_start(self, trainer, pl_module):
+        pl_module.model.compile(**self.kwargs)
+
+    def on_validation_start(self, trainer, pl_module):
+        from .compat import compiled_call, set_compiled_call
+
+        self._set_aside = compiled_call(pl_module.model)
+        set_compiled_call(pl_module.model, None)
+
+    def on_validation_end(self, trainer, pl_module):
+        from .compat import set_compiled_call
+
+        if self._set_aside is not None:
+            set_compiled_call(pl_module.model, self._set_aside)
+            self._set_aside = None
+
+    def on_train_end(self, trainer, pl_module):
+        self._drop(pl_module)
+
+    def on_exception(self, trainer, pl_module, exception):
+        self._drop(pl_module)
+
+    def _drop(self, pl_module):
+        from .compat import set_compiled_call
+
+        self._set_aside = None
+        set_compiled_call(pl_module.model, None)
+
+
 def feature_callbacks(args) -> list[pl.Callback]:
     """The callbacks these TrainingArguments switch on."""
     callbacks: list[pl.Callback] = []
@@ -137,6 +186,9 @@ def feature_callbacks(args) -> list[pl.Callback]:
         callbacks.append(FullEvalCast(torch.float16 if args.fp16_full_eval else torch.bfloat16))
     if "underflow_overflow" in [str(getattr(option, "value", option)) for option in args.debug or []]:
         callbacks.append(UnderflowOverflow())
+    # TrainingArguments.__post_init__ already turned torch_compile on for a backend or mode, inductor by default.
+    if args.torch_compile:
+        callbacks.append(TorchCompile(args.torch_compile_backend, args.torch_compile_mode))
     return callbacks
 
 

@@ -56,9 +56,10 @@ FIELD_POLICY: dict[str, tuple[str, str]] = {
     "activation_checkpointing_kwargs": (LIGHTNING, "features.ActivationCheckpointing callback"),
     "gradient_checkpointing": (LIGHTNING, "deprecated alias of activation_checkpointing"),
     "gradient_checkpointing_kwargs": (LIGHTNING, "deprecated alias of activation_checkpointing_kwargs"),
-    "torch_compile": (UNSUPPORTED, "not implemented yet"),
-    "torch_compile_backend": (UNSUPPORTED, "not implemented yet"),
-    "torch_compile_mode": (UNSUPPORTED, "not implemented yet"),
+    "torch_compile": (LIGHTNING, "features.TorchCompile callback: the training forward compiled in place "
+                      "(nn.Module.compile), parameter names unchanged"),
+    "torch_compile_backend": (LIGHTNING, "features.TorchCompile callback (sets torch_compile, as transformers)"),
+    "torch_compile_mode": (LIGHTNING, "features.TorchCompile callback (sets torch_compile, as transformers)"),
     "use_liger_kernel": (UNSUPPORTED, "not implemented yet"),
     "liger_kernel_config": (UNSUPPORTED, "not implemented yet"),
     "use_cache": (HONOURED, "model.config.use_cache"),

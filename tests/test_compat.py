@@ -171,3 +171,16 @@ def test_private_names_of_other_libraries_appear_in_compat_only():
             found += [f"{path.name}:{node.lineno} '{n.value}'" for n in names if isinstance(n, ast.Constant)
                       and isinstance(n.value, str) and n.value.startswith("_") and not n.value.startswith("__")]
     assert found == []
+
+
+def test_compiled_call_is_what_module_compile_installs_and_clearing_it_runs_eager():
+    layer = torch.nn.Linear(2, 1)
+    assert compat.compiled_call(layer) is None
+    layer.compile(backend="eager")
+    assert compat.compiled_call(layer) is not None
+    traced = []
+    layer.register_forward_pre_hook(lambda *_: traced.append(torch.compiler.is_compiling()))
+    layer(torch.ones(1, 2))
+    compat.set_compiled_call(layer, None)
+    layer(torch.ones(1, 2))
+    assert traced == [True, False] and list(layer.state_dict()) == ["weight", "bias"]
