@@ -15,7 +15,7 @@ _gc.disable()
 try:
     # Lightning before transformers' trainer pieces: imported after them, its torchmetrics -> scipy.signal import
     # takes ~0.2 s longer here (measured with `python -X importtime`, bench/README.md).
-    import lightning.pytorch  # noqa: F401
+    import lightning.pytorch  # noqa: F401 - imported first on purpose (above)
     from transformers import (
         DataCollatorForLanguageModeling,
         DataCollatorWithPadding,
