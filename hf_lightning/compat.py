@@ -96,6 +96,18 @@ def tied_weight_keys(model) -> set[str]:
     return set(getattr(model, "_tied_weights_keys", None) or {})
 
 
+def settle_generation_config(model):
+    """The model's generation config after a `generate()` in transformers' Seq2SeqTrainer.prediction_step: marked as
+    no longer derived from the model config (`_from_model_config`), and with GenerationConfig's default parameters
+    filled in where unset (`_get_default_generation_params`), in place, since the padding length reads `max_length`
+    from it; there is no public spelling of either."""
+    gen_config = model.generation_config
+    if gen_config._from_model_config:
+        gen_config._from_model_config = False
+    gen_config.update(**gen_config._get_default_generation_params(), defaults_only=True)
+    return gen_config
+
+
 @functools.lru_cache(maxsize=None)
 def optimizer_lookup() -> Callable[[Any, Any], tuple[type, dict]]:
     """transformers.Trainer.get_optimizer_cls_and_kwargs without importing transformers.trainer (and accelerate, a

@@ -74,14 +74,25 @@ def _transformers_trainer():
     return importlib.import_module("transformers.trainer").Trainer
 
 
+@functools.cache
+def transformers_seq2seq_trainer():
+    return importlib.import_module("transformers.trainer_seq2seq").Seq2SeqTrainer
+
+
 class Borrowed:
-    """transformers.Trainer's function of the same name, looked up when first used."""
+    """transformers.Trainer's function of the same name (or `source()`'s, e.g. Seq2SeqTrainer's), looked up when
+    first used."""
+
+    def __init__(self, source=None):
+        self.source = source or _transformers_trainer
 
     def __set_name__(self, owner, name):
         self.name = name
 
     def __get__(self, obj, objtype=None):
-        function = vars(_transformers_trainer())[self.name]
+        function = vars(self.source())[self.name]
+        if isinstance(function, staticmethod):
+            return function.__func__
         return function if obj is None else function.__get__(obj, objtype)
 
 

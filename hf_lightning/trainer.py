@@ -58,6 +58,7 @@ class Trainer:
     # As in transformers: a subclass whose compute_loss returns a per-batch mean sets False (the loss is then divided
     # by the window's micro-batch count), one that normalises over the whole window sets True; None = decide.
     loss_is_scaled_for_ga: bool | None = None
+    _keep_padded_eval_losses = False  # transformers' gather_for_metrics trims a short last batch (evaluation.py)
 
     # transformers' attributes of the run, kept in the shared RunState.
     state: TrainerState = shared_attribute("state", "transformers' TrainerState of the current run.")

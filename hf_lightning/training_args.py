@@ -150,6 +150,12 @@ FIELD_POLICY: dict[str, tuple[str, str]] = {
     # Added by hf_lightning.TrainingArguments:
     "lightning_trainer_kwargs": (LIGHTNING, "passed to lightning.Trainer (plugins, profiler, strategy options ...)"),
     "save_lightning_checkpoint": (HONOURED, "export: checkpoint-N/lightning.ckpt written beside the HF files"),
+    # Seq2SeqTrainingArguments (hf_lightning/seq2seq.py):
+    "sortish_sampler": (HONOURED, "as transformers 5.24: no sampler reads it (a warning says so when set)"),
+    "predict_with_generate": (HONOURED, "Seq2SeqTrainer.prediction_step generates (steps.generation_step)"),
+    "generation_max_length": (HONOURED, "generate(max_length=) in evaluate/predict and in-training evaluations"),
+    "generation_num_beams": (HONOURED, "generate(num_beams=) in evaluate/predict and in-training evaluations"),
+    "generation_config": (HONOURED, "Seq2SeqTrainer sets model.generation_config (transformers' loader)"),
 }
 
 # Values that are refused although they are legal for transformers.

@@ -184,3 +184,15 @@ def test_compiled_call_is_what_module_compile_installs_and_clearing_it_runs_eage
     compat.set_compiled_call(layer, None)
     layer(torch.ones(1, 2))
     assert traced == [True, False] and list(layer.state_dict()) == ["weight", "bias"]
+
+
+def test_settle_generation_config_marks_it_and_fills_generate_defaults():
+    config = transformers.T5Config(vocab_size=8, d_model=8, d_kv=4, d_ff=8, num_layers=1, num_heads=2,
+                                   decoder_start_token_id=0)
+    model = transformers.T5ForConditionalGeneration(config)
+    assert model.generation_config._from_model_config is True
+    assert model.generation_config.max_length is None and model.generation_config.num_beams is None
+    model.generation_config.num_beams = 3  # a value already set stays
+    settled = compat.settle_generation_config(model)
+    assert settled is model.generation_config and settled._from_model_config is False
+    assert settled.max_length == 20 and settled.num_beams == 3 and settled.do_sample is False
