@@ -20,7 +20,8 @@ file_download.py request):
 
 Authentication is `Authorization: Bearer <token>`: a token not in `tokens` is answered 401 as the Hub answers it (a
 missing one too, for writes and private repositories). `fail_writes[repo] = 401` makes preupload/commit of that
-repository answer 401 (a token revoked during a run); `stop()` takes the server down.
+repository answer 401 (a token revoked during a run), `fail_writes[repo] = "down"` closes their connections
+unanswered (a server going down); `stop()` takes the whole server down.
 """
 
 from __future__ import annotations
@@ -151,6 +152,9 @@ def _handler(hub: HubServer):
             repo = hub.repos.get(repo_id)
             if repo is None or (repo["private"] and user is None):
                 self._send(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
+                return None
+            if write and hub.fail_writes.get(repo_id) == "down":  # as a server going down: no answer at all
+                self.close_connection = True
                 return None
             if write and (user is None or repo_id.split("/")[0] != user or hub.fail_writes.get(repo_id) == 401):
                 self._unauthorized()
