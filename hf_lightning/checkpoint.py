@@ -239,6 +239,8 @@ def save_checkpoint(hooks: TrainerHooks, run: RunState, lightning_trainer) -> st
     strategy.barrier("hf_lightning.save_checkpoint.written")  # every rank's files are in before the rename
     if args.should_save:
         _replace_dir_atomically(tmp_dir, final_dir)
+        if args.push_to_hub:  # before the rotation, as transformers (the push runs in the background)
+            hooks._push_from_checkpoint(final_dir)
         rotate_checkpoints(args.output_dir, args.save_total_limit, state.best_model_checkpoint)
     return final_dir
 

@@ -108,6 +108,21 @@ def settle_generation_config(model):
     return gen_config
 
 
+def transformers_push_from_checkpoint() -> Callable[[Any, str], None]:
+    """transformers.Trainer._push_from_checkpoint, borrowed by hub.py: transformers' checkpoint push (which files go up,
+    the commit messages, `last-checkpoint`, the skip while a push runs) has no public entry point."""
+    from transformers.trainer import Trainer
+
+    return Trainer._push_from_checkpoint
+
+
+def transformers_finish_current_push() -> Callable[[Any], None]:
+    """transformers.Trainer._finish_current_push (wait for the push in progress), which ends transformers' train()."""
+    from transformers.trainer import Trainer
+
+    return Trainer._finish_current_push
+
+
 @functools.lru_cache(maxsize=None)
 def optimizer_lookup() -> Callable[[Any, Any], tuple[type, dict]]:
     """transformers.Trainer.get_optimizer_cls_and_kwargs without importing transformers.trainer (and accelerate, a

@@ -73,6 +73,10 @@ class TrainerHooks(Protocol):
 
     def _save_checkpoint(self, model: nn.Module, trial: Any = None) -> None: ...
 
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None: ...
+
+    def _finish_current_push(self) -> None: ...
+
 
 class MemoryMetrics(TrainerMemoryTracker):
     """transformers' memory metrics (`skip_memory_metrics=False`) with the stage named by the caller.

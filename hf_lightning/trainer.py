@@ -26,6 +26,7 @@ from transformers.trainer_utils import PredictionOutput, enable_full_determinism
 from . import checkpoint as ckpt
 from . import compat, evaluation, inputs, interrupts, progress, steps, surface
 from . import data as hf_data
+from . import hub
 from . import optimizers as hf_optimizers
 from .accelerator import LightningAccelerator
 from .callbacks import CallbackHandler, pop_lightning_callback, split_callbacks
@@ -119,6 +120,7 @@ class Trainer:
         handler.add_callback(progress.default_progress_callback(args))  # after the user's, as transformers adds it
         self._run = RunState(args, handler)
         self._run.new_state(self.is_local_process_zero(), self.is_world_process_zero())
+        hub.init_repo(self)  # push_to_hub: transformers' init_hf_repo creates the repository
         if args.should_save:
             os.makedirs(args.output_dir, exist_ok=True)
         self.is_in_train = False
@@ -478,6 +480,7 @@ class Trainer:
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Write a folder that `AutoModel*.from_pretrained` (and the processing class) loads."""
         ckpt.save_model_folder(self, output_dir or self.args.output_dir)
+        hub.after_save_model(self, _internal_call)
 
     def _save_checkpoint(self, model=None, trial=None) -> None:
         ckpt.save_checkpoint(self, self._run, self.lightning_trainer)

@@ -119,6 +119,17 @@ def test_unscales_in_step():
     assert compat.unscales_in_step(torch.optim.AdamW(params)) is False
 
 
+def test_transformers_hub_push_methods():
+    """hub.py borrows these two: a checkpoint push (trainer, folder) and the wait for it (trainer)."""
+    import inspect
+
+    push, finish = compat.transformers_push_from_checkpoint(), compat.transformers_finish_current_push()
+    assert list(inspect.signature(push).parameters) == ["self", "checkpoint_folder"]
+    assert list(inspect.signature(finish).parameters) == ["self"]
+    trainer = type("Trainer", (), {})()  # before init_hf_repo: nothing to wait for
+    assert finish(trainer) is None
+
+
 def test_tied_weight_keys():
     config = transformers.LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                                       num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
