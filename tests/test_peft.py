@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 
 import pytest
@@ -131,3 +132,61 @@ def test_load_best_model_at_end_restores_the_best_adapter(tmp_path):
     assert runs["hl"].state.best_model_checkpoint.endswith("checkpoint-2")
     assert_same_history(runs["hf"].state.log_history, runs["hl"].state.log_history)
     _assert_same_adapter(_adapter(runs["hf"]), _adapter(runs["hl"]), atol=1e-6)
+
+
+def _pair(tmp_path, make_model=lora_llama, **extra) -> dict:
+    """Both trainers on fresh LoRA models with ARGS plus `extra`; {kind: trainer}, trained."""
+    runs = {}
+    for kind in ("hf", "hl"):
+        trainer_cls, args_cls = CLASSES[kind]
+        args = args_cls(output_dir=str(tmp_path / kind), **{**ARGS, "save_strategy": "no", **extra})
+        runs[kind] = trainer_cls(make_model(), args=args, train_dataset=lm_dataset(n=16))
+        runs[kind].train()
+    return runs
+
+
+FEATURES = {  # each changes the losses of the plain LoRA run (checked), so a feature left off cannot pass
+    "activation_checkpointing": dict(gradient_checkpointing=True, lora_dropout=0.5),
+    "neftune": dict(neftune_noise_alpha=5.0),
+    "label_smoothing": dict(label_smoothing_factor=0.1),
+}
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_lora_with_a_training_feature_matches_transformers(full_runs, feature, tmp_path):
+    extra = dict(FEATURES[feature])
+    dropout = extra.pop("lora_dropout", 0.0)  # inside checkpointed layers: the recomputed forward draws the same masks
+    runs = _pair(tmp_path, make_model=lambda: peft.get_peft_model(
+        tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=dropout)), **extra)
+    assert_same_history(runs["hf"].state.log_history, runs["hl"].state.log_history)
+    _assert_same_adapter(_adapter(runs["hf"]), _adapter(runs["hl"]), atol=1e-6)
+    plain_losses = [e["loss"] for e in full_runs["hl"][0] if "loss" in e]
+    assert [e["loss"] for e in runs["hl"].state.log_history if "loss" in e] != plain_losses
+    if feature == "activation_checkpointing":
+        # As transformers arranges it for a frozen base: the embeddings' output requires grad (a forward hook on
+        # the base model's input embeddings), so that the checkpointed layers pass gradients to the adapters.
+        for kind in ("hf", "hl"):
+            base = runs[kind].model.get_base_model()
+            assert base.model.layers[0].gradient_checkpointing, kind
+            assert hasattr(base, "_require_grads_hook"), kind
+            assert base(input_ids=torch.tensor([[1, 2, 3]]), output_hidden_states=True).hidden_states[0].requires_grad
+
+
+def test_trainable_parameter_count_logged_as_transformers(tmp_path):
+    """The "Number of trainable parameters" line at train start counts the adapters only, as transformers' does."""
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    trainer_logger = logging.getLogger("transformers.trainer")
+    old_level = trainer_logger.level
+    trainer_logger.addHandler(handler)
+    trainer_logger.setLevel(logging.INFO)
+    try:
+        runs = _pair(tmp_path, max_steps=1)
+    finally:
+        trainer_logger.removeHandler(handler)
+        trainer_logger.setLevel(old_level)
+    counted = [line for line in lines if "Number of trainable parameters" in line]
+    expected = f"  Number of trainable parameters = {lora_llama().get_nb_trainable_parameters()[0]:,}"
+    assert counted == [expected, expected]  # one line per trainer, the same
+    assert runs["hl"].get_num_trainable_parameters() == runs["hf"].get_num_trainable_parameters()
