@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
 
 import pytest
@@ -134,13 +136,14 @@ def test_load_best_model_at_end_restores_the_best_adapter(tmp_path):
     _assert_same_adapter(_adapter(runs["hf"]), _adapter(runs["hl"]), atol=1e-6)
 
 
-def _pair(tmp_path, make_model=lora_llama, **extra) -> dict:
+def _pair(tmp_path, make_model=lora_llama, eval_dataset_rows=0, **extra) -> dict:
     """Both trainers on fresh LoRA models with ARGS plus `extra`; {kind: trainer}, trained."""
     runs = {}
     for kind in ("hf", "hl"):
         trainer_cls, args_cls = CLASSES[kind]
         args = args_cls(output_dir=str(tmp_path / kind), **{**ARGS, "save_strategy": "no", **extra})
-        runs[kind] = trainer_cls(make_model(), args=args, train_dataset=lm_dataset(n=16))
+        eval_dataset = lm_dataset(n=eval_dataset_rows, seed=1) if eval_dataset_rows else None
+        runs[kind] = trainer_cls(make_model(), args=args, train_dataset=lm_dataset(n=16), eval_dataset=eval_dataset)
         runs[kind].train()
     return runs
 
@@ -190,3 +193,28 @@ def test_trainable_parameter_count_logged_as_transformers(tmp_path):
     expected = f"  Number of trainable parameters = {lora_llama().get_nb_trainable_parameters()[0]:,}"
     assert counted == [expected, expected]  # one line per trainer, the same
     assert runs["hl"].get_num_trainable_parameters() == runs["hf"].get_num_trainable_parameters()
+
+
+def _listing(folder) -> dict:
+    return {name: sorted(os.listdir(folder / name)) for name in sorted(os.listdir(folder))}
+
+
+def test_adapter_only_saves_and_rotation_match_transformers(tmp_path):
+    """save_only_model checkpoints and save_model() hold the adapter files only (adapter_config.json,
+    adapter_model.safetensors, README.md, as peft's save_pretrained writes them); save_total_limit rotates the same
+    folders, keeping the best one (checkpoint-1: eval_loss falls, greater_is_better=True)."""
+    runs = _pair(tmp_path, eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1,
+                 save_total_limit=2, save_only_model=True, load_best_model_at_end=True, greater_is_better=True,
+                 learning_rate=5e-2, eval_dataset_rows=8)
+    listings = {}
+    for kind, trainer in runs.items():
+        trainer.save_model(str(tmp_path / kind / "final"))
+        listings[kind] = _listing(tmp_path / kind)
+    adapter_files = ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert listings["hl"] == listings["hf"]
+    assert listings["hl"] == {"checkpoint-1": adapter_files + ["trainer_state.json", "training_args.bin"],
+                              "checkpoint-4": adapter_files + ["trainer_state.json", "training_args.bin"],
+                              "final": adapter_files + ["training_args.bin"]}
+    assert runs["hl"].state.best_model_checkpoint == str(tmp_path / "hl" / "checkpoint-1")
+    config = lambda kind: json.loads((tmp_path / kind / "final" / "adapter_config.json").read_text())  # noqa: E731
+    assert config("hl") == config("hf")
