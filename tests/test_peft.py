@@ -27,10 +27,10 @@ def lora_llama():
     return peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
 
 
-def _trainer(kind: str, output_dir, model=None):
+def _trainer(kind: str, output_dir, model=None, **extra):
     trainer_cls, args_cls = CLASSES[kind]
-    return trainer_cls(model if model is not None else lora_llama(), args=args_cls(output_dir=str(output_dir), **ARGS),
-                       train_dataset=lm_dataset(n=16))
+    return trainer_cls(model if model is not None else lora_llama(),
+                       args=args_cls(output_dir=str(output_dir), **ARGS, **extra), train_dataset=lm_dataset(n=16))
 
 
 def _adapter(trainer) -> dict:
@@ -39,11 +39,12 @@ def _adapter(trainer) -> dict:
 
 @pytest.fixture(scope="module")
 def full_runs(tmp_path_factory):
-    """Uninterrupted 4-step LoRA runs, saving checkpoint-2 and checkpoint-4, one per trainer."""
+    """Uninterrupted 4-step LoRA runs, saving checkpoint-2 and checkpoint-4, one per trainer (hf_lightning's exports
+    lightning.ckpt too)."""
     root = tmp_path_factory.mktemp("peft")
     runs = {}
     for kind in ("hf", "hl"):
-        trainer = _trainer(kind, root / kind)
+        trainer = _trainer(kind, root / kind, **({"save_lightning_checkpoint": True} if kind == "hl" else {}))
         trainer.train()
         runs[kind] = (trainer.state.log_history, _adapter(trainer), root / kind)
     return runs
@@ -218,3 +219,56 @@ def test_adapter_only_saves_and_rotation_match_transformers(tmp_path):
     assert runs["hl"].state.best_model_checkpoint == str(tmp_path / "hl" / "checkpoint-1")
     config = lambda kind: json.loads((tmp_path / kind / "final" / "adapter_config.json").read_text())  # noqa: E731
     assert config("hl") == config("hf")
+
+
+def test_lightning_checkpoint_holds_only_the_adapters_and_resumes_exactly(full_runs, tmp_path):
+    """lightning.ckpt of a LoRA run keeps the trainable weights and their optimizer state, not the frozen base; both
+    doors resume it (train() and Lightning's fit(ckpt_path=), also from the checkpoint-N folder) bitwise."""
+    folder = full_runs["hl"][2] / "checkpoint-2"
+    ckpt = torch.load(folder / "lightning.ckpt", weights_only=True)
+    model = lora_llama()
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    assert set(ckpt["state_dict"]) == {"model." + name for name in trainable}
+    assert len(ckpt["optimizer_states"][0]["state"]) == len(trainable)
+    # Its size against the same export holding the whole model: smaller by (about) the frozen base's bytes.
+    whole = tmp_path / "whole.ckpt"
+    torch.save({**ckpt, "state_dict": {"model." + k: v for k, v in model.state_dict().items()}}, whole)
+    frozen_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n not in trainable)
+    saved = os.path.getsize(whole) - os.path.getsize(folder / "lightning.ckpt")
+    assert saved > 0.9 * frozen_bytes, (saved, frozen_bytes)
+
+    resumed = _trainer("hl", tmp_path / "train")
+    resumed.train(resume_from_checkpoint=str(folder / "lightning.ckpt"))
+    _assert_same_adapter(_adapter(resumed), full_runs["hl"][1], atol=0)
+    for path in (folder / "lightning.ckpt", folder):
+        other = _trainer("hl", tmp_path / "fit", model=peft.get_peft_model(
+            tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)))
+        other.train()  # sets up the run; then continue it the Lightning way from checkpoint-2 of the full run
+        other.lightning_trainer.fit(other.lightning_module, ckpt_path=str(path))
+        assert other.state.global_step == 4
+        _assert_same_adapter(_adapter(other), full_runs["hl"][1], atol=0)
+
+
+def test_model_rebuilt_from_an_adapter_lightning_checkpoint(full_runs, tmp_path):
+    path = str(full_runs["hl"][2] / "checkpoint-4" / "lightning.ckpt")
+    expected = full_runs["hl"][1]
+    with pytest.raises(ValueError, match=r"holds the adapters of a PEFT model on a LlamaForCausalLM.*base_model="):
+        hf_lightning.model_from_lightning_checkpoint(path)
+    with pytest.raises(ValueError, match=r"base_model must be that model without adapters, not a PeftModel"):
+        hf_lightning.model_from_lightning_checkpoint(path, base_model=lora_llama())
+    model = hf_lightning.model_from_lightning_checkpoint(path, base_model=tiny_llama())
+    assert isinstance(model, peft.PeftModel) and model.peft_config["default"].r == 4
+    _assert_same_adapter(peft.get_peft_model_state_dict(model), expected, atol=0)
+    reference = lora_llama()  # the same base (the one passed in, untouched) with the trained adapter
+    peft.set_peft_model_state_dict(reference, expected)
+    for name, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    # A base model loaded from a folder is named in the adapter config: the checkpoint alone then rebuilds it.
+    tiny_llama().save_pretrained(tmp_path / "base")
+    base = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base")
+    trainer = _trainer("hl", tmp_path / "run", model=peft.get_peft_model(base, peft.LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"])), save_lightning_checkpoint=True)
+    trainer.train()
+    rebuilt = hf_lightning.model_from_lightning_checkpoint(str(tmp_path / "run" / "checkpoint-4" / "lightning.ckpt"))
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[name], value), name
