@@ -8,6 +8,7 @@ import os
 import shutil
 
 import pytest
+import safetensors.torch
 import torch
 import transformers
 
@@ -16,6 +17,7 @@ peft = pytest.importorskip("peft", reason="peft is optional: pip install 'hf_lig
 import hf_lightning  # noqa: E402
 from tests.differential import assert_same_history  # noqa: E402
 from tests.helpers import lm_dataset, tiny_llama  # noqa: E402
+from test_checkpoint import job  # noqa: E402,F401 - the fixture running tests/jobs/train_job.py (real SIGKILLs)
 
 ARGS = dict(report_to="none", disable_tqdm=True, use_cpu=True, max_steps=4, save_strategy="steps", save_steps=2,
             per_device_train_batch_size=4, logging_steps=1, learning_rate=1e-2, seed=0)
@@ -272,3 +274,19 @@ def test_model_rebuilt_from_an_adapter_lightning_checkpoint(full_runs, tmp_path)
     rebuilt = hf_lightning.model_from_lightning_checkpoint(str(tmp_path / "run" / "checkpoint-4" / "lightning.ckpt"))
     for name, value in trainer.model.state_dict().items():
         assert torch.equal(rebuilt.state_dict()[name], value), name
+
+
+def test_sigkill_then_resume_with_adapters_is_bitwise_exact(job, tmp_path):
+    """A LoRA run (tests/jobs/train_job.py --lora: dropout in the base and the adapters, 2 micro-batches a step,
+    hf_lightning exporting lightning.ckpt too) killed inside step 7's accumulation window, resumed with
+    resume_from_checkpoint=True, ends bitwise where the uninterrupted run ended, with the same folders; so does a
+    resume from the killed run's checkpoint-4/lightning.ckpt (an epoch boundary, the adapters only)."""
+    final = lambda out: safetensors.torch.load_file(out / "final" / "adapter_model.safetensors")  # noqa: E731
+    reference, out = tmp_path / "reference", tmp_path / "run"
+    job("hl", reference, "--lora")
+    job("hl", out, "--lora", "--kill", "substep@6", killed_at="substep@6")
+    assert "RESUMED_AT 6" in job("hl", out, "--lora", "--resume", "latest")
+    _assert_same_adapter(final(out), final(reference), atol=0)
+    assert _listing(out) == _listing(reference)
+    assert "RESUMED_AT 4" in job("hl", out, "--lora", "--resume", out / "checkpoint-4" / "lightning.ckpt")
+    _assert_same_adapter(final(out), final(reference), atol=0)
