@@ -18,6 +18,7 @@ import hf_lightning  # noqa: E402
 from tests.differential import assert_same_history  # noqa: E402
 from tests.helpers import lm_dataset, tiny_llama  # noqa: E402
 from test_checkpoint import job  # noqa: E402,F401 - the fixture running tests/jobs/train_job.py (real SIGKILLs)
+from test_distributed import torchrun  # noqa: E402
 
 ARGS = dict(report_to="none", disable_tqdm=True, use_cpu=True, max_steps=4, save_strategy="steps", save_steps=2,
             per_device_train_batch_size=4, logging_steps=1, learning_rate=1e-2, seed=0)
@@ -199,7 +200,8 @@ def test_trainable_parameter_count_logged_as_transformers(tmp_path):
 
 
 def _listing(folder) -> dict:
-    return {name: sorted(os.listdir(folder / name)) for name in sorted(os.listdir(folder))}
+    """{subfolder: its files} of an output_dir."""
+    return {name: sorted(os.listdir(folder / name)) for name in sorted(os.listdir(folder)) if (folder / name).is_dir()}
 
 
 def test_adapter_only_saves_and_rotation_match_transformers(tmp_path):
@@ -290,3 +292,17 @@ def test_sigkill_then_resume_with_adapters_is_bitwise_exact(job, tmp_path):
     assert _listing(out) == _listing(reference)
     assert "RESUMED_AT 4" in job("hl", out, "--lora", "--resume", out / "checkpoint-4" / "lightning.ckpt")
     _assert_same_adapter(final(out), final(reference), atol=0)
+
+
+def test_lora_under_ddp_matches_transformers(tmp_path):
+    """2 processes (gloo) under torchrun, as tests/test_distributed.py runs them: the same losses, grad norms and
+    final adapters as transformers' DDP run, and the same adapter-only checkpoint files (an RNG file per rank)."""
+    for kind in ("hf", "hl"):
+        torchrun(kind, tmp_path / kind, "lora")
+    train = lambda kind: [e for e in json.load(open(tmp_path / kind / "history.json")) if "eval_loss" not in e]  # noqa: E731
+    assert_same_history(train("hf"), train("hl"))
+    adapters = {kind: safetensors.torch.load_file(tmp_path / kind / "final" / "adapter_model.safetensors")
+                for kind in ("hf", "hl")}
+    _assert_same_adapter(adapters["hf"], adapters["hl"], atol=1e-6)
+    assert _listing(tmp_path / "hl") == _listing(tmp_path / "hf")
+    assert {"adapter_model.safetensors", "rng_state_0.pth", "rng_state_1.pth"} <= set(_listing(tmp_path / "hl")["checkpoint-6"])
