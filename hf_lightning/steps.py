@@ -97,7 +97,8 @@ def compute_loss(model, inputs, num_items_in_batch, *, label_smoother, compute_l
     if compute_loss_func is not None:
         loss = compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
     elif labels is not None:
-        shift = type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+        # A PEFT wrapper's class names no task: transformers asks its base model whether it is a causal LM.
+        shift = type(unwrap_peft_model(model)).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
         loss = label_smoother(outputs, labels, shift_labels=shift, num_items_in_batch=num_items_in_batch)
     else:
         if isinstance(outputs, dict) and "loss" not in outputs:

@@ -1,6 +1,6 @@
 """Launched by tests/test_distributed.py with `torchrun --nproc_per_node 2` (CPU, gloo), as transformers users do.
 
-    torchrun --nproc_per_node 2 ddp_job.py FRAMEWORK OUTPUT_DIR
+    torchrun --nproc_per_node 2 ddp_job.py FRAMEWORK OUTPUT_DIR [neftune|layerwise|accelerate_style|lora]
 """
 
 import json
@@ -67,8 +67,12 @@ args = args_cls(
 extra = {}
 if len(sys.argv) > 3 and sys.argv[3] == "accelerate_style":  # how many eval rows reach compute_metrics
     extra["compute_metrics"] = lambda prediction: {"rows": float(len(prediction.label_ids))}
-trainer = trainer_cls(tiny_llama(), args=args, train_dataset=lm_dataset(22), eval_dataset=lm_dataset(6, seed=5),
-                      **extra)
+model = tiny_llama()
+if len(sys.argv) > 3 and sys.argv[3] == "lora":  # LoRA adapters on a frozen base, each process holding a replica
+    import peft
+
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+trainer = trainer_cls(model, args=args, train_dataset=lm_dataset(22), eval_dataset=lm_dataset(6, seed=5), **extra)
 trainer.train()
 rank = int(os.environ["RANK"])
 levels = {name: logging.getLogger(name).getEffectiveLevel() for name in ("transformers", "hf_lightning", "lightning.pytorch")}
