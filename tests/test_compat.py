@@ -184,3 +184,21 @@ def test_compiled_call_is_what_module_compile_installs_and_clearing_it_runs_eage
     compat.set_compiled_call(layer, None)
     layer(torch.ones(1, 2))
     assert traced == [True, False] and list(layer.state_dict()) == ["weight", "bias"]
+
+
+def test_ddp_strategy_launches_with_the_subprocess_script_launcher_and_takes_another():
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False)
+    launcher = trainer.strategy.launcher
+    assert type(launcher) is compat.subprocess_script_launcher()
+    other = compat.subprocess_script_launcher()(launcher.cluster_environment, 2, 1)
+    compat.set_launcher(trainer.strategy, other)
+    assert trainer.strategy.launcher is other
+
+
+def test_script_command_reruns_this_script():
+    import os
+    import sys
+
+    command = compat.script_command()  # pytest runs as `python -m pytest` or as its own script
+    assert command in ([sys.executable, os.path.abspath(sys.argv[0]), *sys.argv[1:]],
+                       [sys.executable, "-m", "pytest.__main__", *sys.argv[1:]])
