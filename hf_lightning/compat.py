@@ -155,3 +155,29 @@ def optimizer_lookup() -> Callable[[Any, Any], tuple[type, dict]]:
         return handler(ctx)
 
     return lookup
+
+
+# ---------------------------------------------------------------------- Lightning's subprocess launcher (launch.py)
+
+
+def subprocess_script_launcher() -> type:
+    """Lightning's launcher that re-runs the script in each other process of a node (its "ddp" strategy's): there is
+    no public way to give its children more environment than LOCAL_RANK/WORLD_SIZE/NODE_RANK, so launch.py subclasses
+    it."""
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    return _SubprocessScriptLauncher
+
+
+def set_launcher(strategy, launcher) -> None:
+    """Install `launcher` on a strategy (its `launcher` property has no setter; the strategy configures its own)."""
+    if not hasattr(strategy, "_launcher"):
+        raise RuntimeError("lightning's strategies no longer keep `_launcher`: update compat.py.")
+    strategy._launcher = launcher
+
+
+def script_command() -> list[str]:
+    """The command line Lightning's launcher re-runs the script with (`python script.py ARGS` or `python -m ...`)."""
+    from lightning.fabric.strategies.launchers.subprocess_script import _basic_subprocess_cmd
+
+    return list(_basic_subprocess_cmd())

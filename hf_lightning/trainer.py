@@ -24,7 +24,7 @@ from transformers.trainer_pt_utils import LayerWiseDummyOptimizer, get_parameter
 from transformers.trainer_utils import PredictionOutput, enable_full_determinism, set_seed
 
 from . import checkpoint as ckpt
-from . import compat, evaluation, inputs, interrupts, progress, steps, surface
+from . import compat, evaluation, inputs, interrupts, launch, progress, steps, surface
 from . import data as hf_data
 from . import hub
 from . import optimizers as hf_optimizers
@@ -90,6 +90,7 @@ class Trainer:
         callback: list | None = None,
     ):
         self.args = args = inputs.resolve_args(args)
+        launch.adopt_topology(args)  # args.world_size, process_index, ... as Lightning's strategy runs them
         surface.check_overrides(type(self))
         enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
         apply_log_levels(args)
@@ -161,13 +162,13 @@ class Trainer:
         lightning_trainer = getattr(self, "lightning_trainer", None)
         if lightning_trainer is not None:
             return lightning_trainer.local_rank == 0
-        return int(os.environ.get("LOCAL_RANK", "0")) == 0
+        return self.args.local_process_index == 0
 
     def is_world_process_zero(self) -> bool:
         lightning_trainer = getattr(self, "lightning_trainer", None)
         if lightning_trainer is not None:
             return lightning_trainer.is_global_zero
-        return int(os.environ.get("RANK", os.environ.get("GLOBAL_RANK", "0"))) == 0
+        return self.args.process_index == 0
 
     # ------------------------------------------------------------------ callbacks
 
@@ -385,6 +386,7 @@ class Trainer:
         kwargs.update(loop_limits)
         with quiet_lightning():
             self.lightning_trainer = pl.Trainer(**kwargs)
+        launch.use_script_launcher(self.lightning_trainer)  # Lightning's own launcher (devices=N), launch.py
         return self.lightning_trainer
 
     # ------------------------------------------------------------------ train / evaluate / predict

@@ -207,3 +207,21 @@ def test_settle_generation_config_marks_it_and_fills_generate_defaults():
     settled = compat.settle_generation_config(model)
     assert settled is model.generation_config and settled._from_model_config is False
     assert settled.max_length == 20 and settled.num_beams == 3 and settled.do_sample is False
+
+
+def test_ddp_strategy_launches_with_the_subprocess_script_launcher_and_takes_another():
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False)
+    launcher = trainer.strategy.launcher
+    assert type(launcher) is compat.subprocess_script_launcher()
+    other = compat.subprocess_script_launcher()(launcher.cluster_environment, 2, 1)
+    compat.set_launcher(trainer.strategy, other)
+    assert trainer.strategy.launcher is other
+
+
+def test_script_command_reruns_this_script():
+    import os
+    import sys
+
+    command = compat.script_command()  # pytest runs as `python -m pytest` or as its own script
+    assert command in ([sys.executable, os.path.abspath(sys.argv[0]), *sys.argv[1:]],
+                       [sys.executable, "-m", "pytest.__main__", *sys.argv[1:]])
