@@ -169,7 +169,8 @@ else:
                 losses.append(logs["loss"])
 
     args = TrainingArguments(f"/tmp/hfl-bench-{framework}", per_device_train_batch_size=BATCH, max_steps=steps,
-                             logging_steps=1 if LOSSES else 10**6, save_strategy="no", report_to="none", disable_tqdm=True,
+                             logging_steps=1 if LOSSES else 10**6, save_strategy="no", report_to="none",
+                             disable_tqdm=True,
                              use_cpu=True, dataloader_pin_memory=False, log_level="error", torch_compile=COMPILE)
     Trainer(build_model(), args=args, train_dataset=data, callbacks=[Clock()]).train()
 

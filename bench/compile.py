@@ -106,7 +106,8 @@ def main() -> None:
     for f, m in keys:
         hl = f == "hl"
         cells = [NAMES[f], m,
-                 f"{compile_s[(f, m)]:.2f}", ratio(compile_s[(f, m)], compile_s[("hf", m)]) if hl and m == "compiled" else "",
+                 f"{compile_s[(f, m)]:.2f}",
+                 ratio(compile_s[(f, m)], compile_s[("hf", m)]) if hl and m == "compiled" else "",
                  f"{step[(f, m)]:.2f}", ratio(step[(f, m)], step[(f, "eager")]) if m == "compiled" else "",
                  ratio(step[(f, m)], step[("hf", m)]) if hl else "",
                  f"{med((f, m), 'first_step_s'):.2f}",
