@@ -184,3 +184,11 @@ def test_compiled_call_is_what_module_compile_installs_and_clearing_it_runs_eage
     compat.set_compiled_call(layer, None)
     layer(torch.ones(1, 2))
     assert traced == [True, False] and list(layer.state_dict()) == ["weight", "bias"]
+
+
+def test_no_split_modules_are_the_layer_classes_of_a_transformers_model():
+    from helpers import tiny_bert, tiny_llama
+
+    assert compat.no_split_modules(tiny_llama()) == ["LlamaDecoderLayer"]
+    assert "BertLayer" in compat.no_split_modules(tiny_bert())
+    assert compat.no_split_modules(torch.nn.Linear(2, 2)) == []
