@@ -96,6 +96,12 @@ def tied_weight_keys(model) -> set[str]:
     return set(getattr(model, "_tied_weights_keys", None) or {})
 
 
+def no_split_modules(model) -> list[str]:
+    """The layer classes a transformers model says must not be split across devices: the layers that accelerate's
+    FSDP plugin wraps (and checkpoints) when none are named (its `set_auto_wrap_policy`)."""
+    return list(getattr(model, "_no_split_modules", None) or [])
+
+
 def settle_generation_config(model):
     """The model's generation config after a `generate()` in transformers' Seq2SeqTrainer.prediction_step: marked as
     no longer derived from the model config (`_from_model_config`), and with GenerationConfig's default parameters

@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch.strategies import ParallelStrategy
 
 from . import adapters, compat
+from .gpu_strategies import engine_grad_norm, is_deepspeed, micro_batch_sync
 from .evaluation import EvaluationOutput, EvaluationRun, announce_evaluation, memory_stage
 from .optimizers import OptimizerQuirks, steps_on_metric
 from .run import RunState, TrainerHooks
@@ -124,7 +125,7 @@ class TransformersModule(pl.LightningModule):
                 last = i == len(window) - 1
                 accelerator.sync_gradients = last  # as accelerate's accumulate() tells user code
                 skip_sync = isinstance(strategy, ParallelStrategy) and not last and not sync_each
-                no_sync = strategy.block_backward_sync() if skip_sync else None
+                no_sync = micro_batch_sync(strategy, last, skip_sync)
                 with no_sync or contextlib.nullcontext():
                     loss = hooks.training_step(self.model, inputs, num_items)
                 flow.add_micro_batch(loss, inputs)
@@ -163,7 +164,9 @@ class TransformersModule(pl.LightningModule):
             scaler.unscale_(optimizer)
         max_norm = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else float("inf")
         wrapped = self.trainer.model
-        if hasattr(wrapped, "clip_grad_norm_"):  # FSDP shards the gradients: it owns the norm
+        if is_deepspeed(self.trainer.strategy):  # the engine clips in its step (config gradient_clipping)
+            grad_norm = engine_grad_norm(self.trainer.strategy)
+        elif hasattr(wrapped, "clip_grad_norm_"):  # FSDP shards the gradients: it owns the norm
             grad_norm = wrapped.clip_grad_norm_(max_norm)
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)

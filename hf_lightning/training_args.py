@@ -20,6 +20,7 @@ import transformers
 
 from . import launch
 from .features import feature_callbacks
+from .gpu_strategies import DeepSpeedAutoValues, check_cuda_switches, deepspeed_strategy, uses_deepspeed
 
 HONOURED = "honoured"
 LIGHTNING = "lightning"
@@ -60,8 +61,10 @@ FIELD_POLICY: dict[str, tuple[str, str]] = {
                       "(nn.Module.compile), parameter names unchanged"),
     "torch_compile_backend": (LIGHTNING, "features.TorchCompile callback (sets torch_compile, as transformers)"),
     "torch_compile_mode": (LIGHTNING, "features.TorchCompile callback (sets torch_compile, as transformers)"),
-    "use_liger_kernel": (UNSUPPORTED, "not implemented yet"),
-    "liger_kernel_config": (UNSUPPORTED, "not implemented yet"),
+    "use_liger_kernel": (LIGHTNING, "features.LigerKernel callback: transformers' apply_liger_kernel when fitting "
+                         "starts (the `kernels` extra); refused without CUDA (Triton GPU kernels)"),
+    "liger_kernel_config": (LIGHTNING, "features.LigerKernel callback: liger-kernel's "
+                            "_apply_liger_kernel_to_instance(model=..., **liger_kernel_config)"),
     "use_cache": (HONOURED, "model.config.use_cache"),
     "neftune_noise_alpha": (LIGHTNING, "features.NEFTune callback: transformers' noise hook while fitting"),
     "torch_empty_cache_steps": (LIGHTNING, "features.EmptyDeviceCache callback: cache emptied every N steps"),
@@ -140,7 +143,8 @@ FIELD_POLICY: dict[str, tuple[str, str]] = {
     "ddp_timeout": (LIGHTNING, "DDPStrategy(timeout=...)"),
     "fsdp": (UNSUPPORTED, "sharded strategies are not supported yet (checkpoints need a sharded-state save)"),
     "fsdp_config": (UNSUPPORTED, "sharded strategies are not supported yet"),
-    "deepspeed": (UNSUPPORTED, "sharded strategies are not supported yet"),
+    "deepspeed": (LIGHTNING, "gpu_strategies: DeepSpeedStrategy(config=...) with transformers' \"auto\" values "
+                  "(HfTrainerDeepSpeedConfig); refused without CUDA (Lightning's DeepSpeed runs on CUDA only)"),
     "debug": (LIGHTNING, "features.UnderflowOverflow callback ('underflow_overflow'); 'tpu_metrics_debug' refused"),
     "skip_memory_metrics": (HONOURED, "transformers' TrainerMemoryTracker (run.MemoryMetrics): *_mem_* metrics"),
     "do_train": (HONOURED, "read by scripts, not by the Trainer (as transformers)"),
@@ -211,6 +215,7 @@ def _is_default(name: str, value: Any) -> bool:
 
 def check_supported(args: transformers.TrainingArguments) -> None:
     """Raise a ValueError naming the first field set to a value hf_lightning does not support yet."""
+    check_cuda_switches(args)  # first: a combination (deepspeed + fsdp) is named as such
     for name, (policy, why) in FIELD_POLICY.items():
         if not hasattr(args, name):
             continue
@@ -294,6 +299,8 @@ def _precision(args: transformers.TrainingArguments) -> str:
 
 def _strategy(args: transformers.TrainingArguments) -> Any:
     """DDP options only matter when more than one process trains; 'auto' otherwise."""
+    if uses_deepspeed(args):
+        return deepspeed_strategy(args)
     ddp_options = {
         "find_unused_parameters": args.ddp_find_unused_parameters,
         "bucket_cap_mb": args.ddp_bucket_cap_mb,
@@ -328,6 +335,8 @@ def translate_arguments(args: transformers.TrainingArguments) -> dict[str, Any]:
         # NEFTune, activation checkpointing, tf32, empty_cache: a small Lightning callback each (features.py).
         "callbacks": feature_callbacks(args),
     }
+    if uses_deepspeed(args):
+        kwargs["callbacks"].append(DeepSpeedAutoValues(args))
     if args.use_cpu:
         kwargs["accelerator"] = "cpu"
     # transformers trains on the device of this process; several processes come from a launcher (torchrun,

@@ -197,6 +197,14 @@ def test_compiled_call_is_what_module_compile_installs_and_clearing_it_runs_eage
     assert traced == [True, False] and list(layer.state_dict()) == ["weight", "bias"]
 
 
+def test_no_split_modules_are_the_layer_classes_of_a_transformers_model():
+    from helpers import tiny_bert, tiny_llama
+
+    assert compat.no_split_modules(tiny_llama()) == ["LlamaDecoderLayer"]
+    assert "BertLayer" in compat.no_split_modules(tiny_bert())
+    assert compat.no_split_modules(torch.nn.Linear(2, 2)) == []
+
+
 def test_settle_generation_config_marks_it_and_fills_generate_defaults():
     config = transformers.T5Config(vocab_size=8, d_model=8, d_kv=4, d_ff=8, num_layers=1, num_heads=2,
                                    decoder_start_token_id=0)

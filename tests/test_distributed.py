@@ -149,3 +149,21 @@ def test_a_subclass_on_the_accelerator_under_ddp(tmp_path):
     metrics = hf_lightning.Trainer(model, args=args, eval_dataset=lm_dataset(6, seed=5)).evaluate()
     assert metrics["eval_loss"] == pytest.approx([e for e in hl if "eval_loss" in e][-1]["eval_loss"], rel=1e-5)
     assert [e["eval_rows"] for e in hl if "eval_rows" in e] == [6.0, 6.0]  # not 12: gathered once, not per process
+
+
+ACCELERATE = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+
+
+def test_accelerate_launch_trains_as_the_torchrun_run(ddp_runs, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` (the guide's other launcher) starts the same DDP run: topology
+    from the environment it sets, the same steps, losses and checkpoint files as under torchrun. (With `--cpu`
+    accelerate runs its simple launcher: one process, whatever --num_processes says; the job itself asks for CPU.)"""
+    out = tmp_path / "accelerate"
+    proc = subprocess.run([ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+                           JOB, "hl", str(out)], capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    torchrun_run = json.load(open(ddp_runs / "hl" / "history.json"))
+    accelerate_run = json.load(open(out / "history.json"))
+    assert_same_history(torchrun_run, accelerate_run)
+    assert sorted(os.listdir(out / "checkpoint-6")) == sorted(os.listdir(ddp_runs / "hl" / "checkpoint-6"))

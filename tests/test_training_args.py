@@ -25,7 +25,6 @@ def test_every_transformers_field_is_classified():
 
 
 UNSUPPORTED_EXAMPLES = {
-    "use_liger_kernel": True,
     "fsdp": "full_shard",
 }
 
