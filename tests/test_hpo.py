@@ -124,23 +124,26 @@ def test_optuna_search_matches_transformers_trial_for_trial_with_pruning(tmp_pat
     assert hl_trainer.hp_search_backend is None and hl_trainer.model is None
 
 
-def test_multi_objective_search_returns_transformers_best_runs(tmp_path):
-    """A list of directions: objectives from an evaluation after training (no in-training evaluation), no pruning."""
+def test_multi_objective_search_with_hp_name_returns_transformers_best_runs(tmp_path):
+    """A list of directions: objectives from an evaluation after training (no in-training evaluation), no pruning;
+    hp_name names the trials' folders and TrainerState.trial_name."""
     def objectives(metrics):
         return [metrics["eval_loss"], metrics["eval_accuracy"]]
 
     results = _search_pair(tmp_path, hp_space=hp_space, n_trials=2, direction=["minimize", "maximize"],
-                           compute_objective=objectives,
-                           trainer_options=dict(max_steps=2, eval_strategy="no", save_strategy="no",
-                                                compute_metrics=accuracy))
+                           compute_objective=objectives, hp_name=lambda trial: f"trial-{trial.number}",
+                           trainer_options=dict(max_steps=2, eval_strategy="no", compute_metrics=accuracy))
     (_, hf_best, hf_study, _), (_, hl_best, hl_study, hl_ends) = results["hf"], results["hl"]
     assert [t[:3] for t in _trials(hl_study)] == [t[:3] for t in _trials(hf_study)]
     assert isinstance(hl_best, list) and all(isinstance(run, BestRun) for run in hl_best)
     assert [(run.run_id, run.hyperparameters) for run in hl_best] == [(r.run_id, r.hyperparameters) for r in hf_best]
     for hl_run, hf_run in zip(hl_best, hf_best):
-        assert hl_run.objective == pytest.approx(hf_run.objective, rel=1e-5)
+        assert len(hl_run.objective) == 2 and hl_run.objective == pytest.approx(hf_run.objective, rel=1e-5)
     assert [end["global_step"] for end in hl_ends] == [2, 2]
-    assert not (tmp_path / "hl" / "run-0").exists()  # save_strategy="no"
+    assert _tree(tmp_path / "hl") == _tree(tmp_path / "hf")
+    assert {os.path.dirname(p) for p in _tree(tmp_path / "hl")} == {"trial-0/checkpoint-2", "trial-1/checkpoint-2"}
+    state = json.loads((tmp_path / "hl" / "trial-1" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["trial_name"] == "trial-1" and state["trial_params"] == hl_study.trials[1].params
 
 
 def test_search_without_model_init_is_refused_as_in_transformers(tmp_path):
@@ -157,3 +160,36 @@ def test_a_trial_value_the_field_table_refuses_is_refused(tmp_path):
                        eval_strategy="no", save_strategy="no")
     with pytest.raises(ValueError, match="deepspeed"):
         trainer.hyperparameter_search(hp_space=lambda trial: {"deepspeed": "ds.json"}, n_trials=1)
+
+
+def test_ray_tune_search_runs_hf_lightning_trials_on_a_local_cluster(tmp_path):
+    """backend="ray": transformers' run_hp_search_ray sends the pickled Trainer to Ray Tune's workers (a local
+    2-CPU cluster); each trial reports its evaluations to Tune and saves into output_dir/run-{trial id}."""
+    ray = pytest.importorskip("ray", reason="backend='ray' needs Ray Tune: pip install 'ray[tune]'")
+    from ray import tune
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    # the workers import hf_lightning and the test helpers that model_init uses
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([os.path.dirname(here), here])}})
+    try:
+        trainer = _trainer(hf_lightning.Trainer, hf_lightning.TrainingArguments, tmp_path / "hl", max_steps=2,
+                           eval_steps=1, save_steps=2, logging_steps=1)
+        best = trainer.hyperparameter_search(
+            hp_space=lambda _: {"learning_rate": tune.grid_search([1e-3, 1e-2])}, n_trials=1, backend="ray",
+            storage_path=str(tmp_path / "ray_results"), verbose=0,
+        )
+    finally:
+        ray.shutdown()
+    results = {trial.config["learning_rate"]: (trial.trial_id, trial.last_result["objective"])
+               for trial in best.run_summary.trials}
+    assert sorted(results) == [1e-3, 1e-2]
+    assert isinstance(best, BestRun) and (best.run_id, best.objective) == min(results.values(), key=lambda r: r[1])
+    assert best.hyperparameters == {"learning_rate": next(lr for lr, r in results.items() if r[0] == best.run_id)}
+    # each trial's objective is the eval loss transformers.Trainer reaches with that learning rate
+    for learning_rate, (trial_id, objective) in results.items():
+        reference = _trainer(transformers.Trainer, transformers.TrainingArguments, tmp_path / "hf", max_steps=2,
+                             eval_strategy="no", save_strategy="no", learning_rate=learning_rate)
+        reference.train()
+        assert objective == pytest.approx(reference.evaluate()["eval_loss"], rel=1e-5)
+        assert sorted(os.listdir(tmp_path / "hl" / f"run-{trial_id}")) == ["checkpoint-2"]
