@@ -20,7 +20,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import ParallelStrategy
 
-from . import compat
+from . import adapters, compat
 from .evaluation import EvaluationOutput, EvaluationRun, announce_evaluation, memory_stage
 from .optimizers import OptimizerQuirks, steps_on_metric
 from .run import RunState, TrainerHooks
@@ -40,11 +40,8 @@ class TransformersModule(pl.LightningModule):
         self.model = hooks.model
         self.hooks = hooks
         self.run_state = run
-        hparams = {"training_args": run.args.to_dict()}
-        config = getattr(self.model, "config", None)
-        if config is not None and hasattr(config, "to_dict"):  # enough to rebuild the model from the .ckpt alone
-            hparams["model_class"] = type(self.model).__name__
-            hparams["model_config"] = config.to_dict()
+        # enough to rebuild the model from the .ckpt alone (a PEFT model's frozen base: from the user, see adapters)
+        hparams = {"training_args": run.args.to_dict(), **adapters.model_hparams(self.model)}
         self.save_hyperparameters(hparams)
         self.quirks = OptimizerQuirks(None)  # the optimizer's, once configure_optimizers built it
         self.flow = None  # the TrainingFlow callback, set while training
@@ -77,7 +74,13 @@ class TransformersModule(pl.LightningModule):
         if not state_dict or not all(key.startswith(prefix) for key in state_dict):
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         weights = {key[len(prefix):]: value for key, value in state_dict.items()}
+        if adapters.peft_model(self.model) is not None and strict:  # the .ckpt holds the trainable weights only
+            return adapters.load_trainable(self.model, weights, "The Lightning checkpoint's state_dict")
         return self.model.load_state_dict(weights, strict=strict, assign=assign)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """A PEFT model's lightning.ckpt keeps only what training changes (see adapters.py)."""
+        checkpoint["state_dict"] = adapters.keep_trainable_only(self.model, checkpoint["state_dict"])
 
     # ------------------------------------------------------------------ optimizers
 

@@ -55,6 +55,7 @@ class TrainerHooks(Protocol):
     _train_batch_size: int  # per-device train batch size of this attempt (auto_find_batch_size lowers it)
     hp_search_backend: Any  # set while hyperparameter_search runs (hpo.py)
     _trial: Any  # the hyperparameter-search trial of the current train(), or None
+    _keep_padded_eval_losses: bool  # Seq2SeqTrainer: a short last eval batch's loss counts eval_batch_size times
 
     def create_optimizer_and_scheduler(self, num_training_steps: int) -> None: ...
 
@@ -77,6 +78,10 @@ class TrainerHooks(Protocol):
     def _report_to_hp_search(self, trial: Any, step: int, metrics: dict[str, float]) -> None: ...
 
     def _get_output_dir(self, trial: Any) -> str: ...
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None: ...
+
+    def _finish_current_push(self) -> None: ...
 
 
 class MemoryMetrics(TrainerMemoryTracker):

@@ -64,6 +64,27 @@ def test_ddp_training_matches_transformers(ddp_runs):
     assert sorted(os.listdir(ddp_runs / "hl" / "checkpoint-6")) == sorted(os.listdir(ddp_runs / "hf" / "checkpoint-6"))
 
 
+def test_lightning_launcher_run_equals_the_torchrun_run(ddp_runs):
+    """`python job.py` with lightning_trainer_kwargs={"devices": 2}: Lightning's launcher re-runs the script for rank
+    1; topology (sharding, RNG files, who logs and saves, per-rank log levels) as under torchrun."""
+    out = ddp_runs / "lightning"
+    proc = subprocess.run([sys.executable, JOB, "hl", str(out), "lightning_launch"], capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "terminate called" not in proc.stderr
+    assert_same_history(json.load(open(ddp_runs / "hl" / "history.json")), json.load(open(out / "history.json")))
+    a = safetensors.torch.load_file(ddp_runs / "hl" / "final" / "model.safetensors")
+    b = safetensors.torch.load_file(out / "final" / "model.safetensors")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert sorted(os.listdir(out / "checkpoint-6")) == sorted(os.listdir(ddp_runs / "hl" / "checkpoint-6"))
+    for rank in (0, 1):  # the child's own RNG file and log levels: it ran as rank 1
+        assert json.load(open(out / f"levels_{rank}.json")) == json.load(open(ddp_runs / "hl" / f"levels_{rank}.json"))
+        assert torch.equal(torch.load(out / "checkpoint-6" / f"rng_state_{rank}.pth", weights_only=False)["cpu"],
+                           torch.load(ddp_runs / "hl" / "checkpoint-6" / f"rng_state_{rank}.pth",
+                                      weights_only=False)["cpu"])
+    assert len([line for line in proc.stdout.splitlines() if line.startswith("{'loss'")]) == 6
+
+
 def test_ddp_eval_loss_is_the_single_process_value(ddp_runs, tmp_path):
     # transformers 5.24 normalises each sharded eval batch by the token count of *both* processes' batches, so its
     # DDP eval_loss depends on the world size; here every process evaluates the whole set and gets the true value.
