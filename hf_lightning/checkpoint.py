@@ -202,20 +202,23 @@ def _rng_file(args) -> str:
     return "rng_state.pth" if args.world_size <= 1 else f"rng_state_{args.process_index}.pth"
 
 
-def save_checkpoint(hooks: TrainerHooks, run: RunState, lightning_trainer) -> str:
-    """Write output_dir/checkpoint-{global_step}/ atomically; returns its path."""
+def save_checkpoint(hooks: TrainerHooks, run: RunState, lightning_trainer, trial=None) -> str:
+    """Write output_dir/checkpoint-{global_step}/ atomically (a search trial's: under output_dir/run-{id}/); returns
+    its path."""
     args, state = run.args, run.state
+    run_dir = hooks._get_output_dir(trial)
     name = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-    final_dir = os.path.join(args.output_dir, name)
-    tmp_dir = os.path.join(args.output_dir, f"tmp-{name}")
+    final_dir = os.path.join(run_dir, name)
+    tmp_dir = os.path.join(run_dir, f"tmp-{name}")
     strategy = lightning_trainer.strategy
     if args.should_save:
-        _clean_interrupted_saves(args.output_dir)  # tmp-checkpoint-* of killed saves, this step's included
+        _clean_interrupted_saves(run_dir)  # tmp-checkpoint-* of killed saves, this step's included
     strategy.barrier("hf_lightning.save_checkpoint.start")
-    run.store_flos(strategy)
+    if hooks.hp_search_backend is None and trial is None:  # as transformers: a trial's flos move at logs only
+        run.store_flos(strategy)
     save_model_folder(hooks, tmp_dir, final_dir)
     if state.best_global_step and args.save_strategy in ("steps", "epoch", "best"):
-        best_dir = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.best_global_step}")
+        best_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.best_global_step}")
         # As transformers: only a folder that exists (this one, being written, or an earlier one).
         if state.best_global_step == state.global_step or os.path.isdir(best_dir):
             state.best_model_checkpoint = best_dir
@@ -240,7 +243,7 @@ def save_checkpoint(hooks: TrainerHooks, run: RunState, lightning_trainer) -> st
         _replace_dir_atomically(tmp_dir, final_dir)
         if args.push_to_hub:  # before the rotation, as transformers (the push runs in the background)
             hooks._push_from_checkpoint(final_dir)
-        rotate_checkpoints(args.output_dir, args.save_total_limit, state.best_model_checkpoint)
+        rotate_checkpoints(run_dir, args.save_total_limit, state.best_model_checkpoint)
     return final_dir
 
 

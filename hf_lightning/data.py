@@ -176,8 +176,8 @@ def train_sampler(args, dataset, processing_class=None):
         return torch.utils.data.RandomSampler(dataset)
     from accelerate.data_loader import SeedableRandomSampler
 
-    seed = args.data_seed if args.data_seed is not None else args.seed
-    return SeedableRandomSampler(data_source=dataset, data_seed=seed)
+    # as accelerate: without data_seed, the seed of torch's last manual_seed (a model_init that seeds torch moves it)
+    return SeedableRandomSampler(data_source=dataset, data_seed=args.data_seed)
 
 
 def eval_sampler(args, dataset):

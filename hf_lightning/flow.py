@@ -281,6 +281,8 @@ class TrainingFlow(pl.Callback):
         for output in pl_module.finished_evaluations:
             metrics.update(evaluation.report(self.hooks, run, output))
         pl_module.end_evaluation()  # predictions are not kept alive for the rest of training
+        # transformers' _evaluate: the search's objective (a pruned trial raises optuna.TrialPruned here)
+        self.hooks._report_to_hp_search(self.hooks._trial, run.state.global_step, metrics)
         if stage == "start":  # eval_on_start: no best-metric bookkeeping, no save, no scheduler step
             return
         self._last_validated_step = run.state.global_step
@@ -309,7 +311,7 @@ class TrainingFlow(pl.Callback):
 
     def _save_if_requested(self) -> None:
         if self.run.control.should_save:
-            self.hooks._save_checkpoint(self.hooks.model)
+            self.hooks._save_checkpoint(self.hooks.model, self.hooks._trial)
             self._last_saved_step = self.run.state.global_step
             self.run.on_save()
 
@@ -357,7 +359,7 @@ class TrainingFlow(pl.Callback):
         if run.args.load_best_model_at_end and state.best_model_checkpoint is not None:
             ckpt.load_best_model(hooks.model, state)
         if run.args.should_save and state.best_model_checkpoint is not None and run.args.save_total_limit == 1:
-            for folder in ckpt.sorted_checkpoints(run.args.output_dir):
+            for folder in ckpt.sorted_checkpoints(hooks._get_output_dir(hooks._trial)):
                 if not os.path.samefile(folder, state.best_model_checkpoint):
                     hf_logger.info(f"Deleting older checkpoint [{folder}] due to args.save_total_limit")
                     shutil.rmtree(folder, ignore_errors=True)

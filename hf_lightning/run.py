@@ -53,6 +53,8 @@ class TrainerHooks(Protocol):
     preprocess_logits_for_metrics: Any
     eval_dataset: Any
     _train_batch_size: int  # per-device train batch size of this attempt (auto_find_batch_size lowers it)
+    hp_search_backend: Any  # set while hyperparameter_search runs (hpo.py)
+    _trial: Any  # the hyperparameter-search trial of the current train(), or None
     _keep_padded_eval_losses: bool  # Seq2SeqTrainer: a short last eval batch's loss counts eval_batch_size times
 
     def create_optimizer_and_scheduler(self, num_training_steps: int) -> None: ...
@@ -72,6 +74,10 @@ class TrainerHooks(Protocol):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None: ...
 
     def _save_checkpoint(self, model: nn.Module, trial: Any = None) -> None: ...
+
+    def _report_to_hp_search(self, trial: Any, step: int, metrics: dict[str, float]) -> None: ...
+
+    def _get_output_dir(self, trial: Any) -> str: ...
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None: ...
 
@@ -127,6 +133,8 @@ class RunState:
     # transformers reports `<prefix>_model_preparation_time` when a Trainer's first act is an evaluation
     model_prepared: bool = False
     model_preparation_time: float | None = None
+    # TrainerState's trial fields for the next train() (hpo.py; transformers' init_training_references)
+    trial_references: dict = field(default_factory=dict)
     memory: MemoryMetrics = field(init=False)
 
     def __post_init__(self) -> None:
@@ -151,6 +159,8 @@ class RunState:
         state.compute_steps(self.args, plan.max_steps)
         state.max_steps = plan.max_steps
         state.num_train_epochs = plan.num_train_epochs
+        for name, value in self.trial_references.items():
+            setattr(state, name, value)
         return state
 
     def log(self, logs: dict[str, float], start_time: float | None = None, publish=None) -> None:

@@ -22,6 +22,7 @@ import warnings
 from transformers import trainer_pt_utils
 
 from . import checkpoint as ckpt
+from . import hpo
 from . import hub
 
 _LOG_SAVE_EVALUATE = (
@@ -40,11 +41,6 @@ _ACCELERATOR = (
 )
 
 REFUSED: dict[str, str] = {
-    "hyperparameter_search": (
-        "hyperparameter search drives transformers' own loop through optuna/ray/wandb callbacks; until hf_lightning "
-        "supports it (planned), run the search yourself, e.g. an optuna study whose objective builds "
-        "`Trainer(model_init=..., args=...)` with the trial's values and returns `trainer.evaluate()[metric]`"
-    ),
     "create_accelerator_and_postprocess": _ACCELERATOR,
     "evaluation_loop": _EVALUATION_LOOP,
     "_maybe_log_save_evaluate": _LOG_SAVE_EVALUATE,
@@ -94,16 +90,15 @@ class Borrowed:
 
 BORROWED = (
     "create_model_card", "autocast_smart_context_manager", "get_batch_samples", "set_initial_training_values",
-    "get_total_train_batch_size", "get_sp_size", "get_cp_size", "get_tp_size", "_evaluate", "_report_to_hp_search",
-    "_load_callback_state", "push_to_hub", "init_hf_repo",
+    "get_total_train_batch_size", "get_sp_size", "get_cp_size", "get_tp_size", "_evaluate", "_load_callback_state",
+    "push_to_hub", "init_hf_repo", "_tune_save_checkpoint",
 )
 
 # Attributes transformers sets in __init__ whose value is fixed here: Lightning runs no DeepSpeed/FSDP plugin of
-# transformers (refused by the field table), no hyperparameter search exists yet; `hub_model_id` until `init_hf_repo`
-# sets the instance's (hub.py).
+# transformers (refused by the field table); `hub_model_id` until `init_hf_repo` sets the instance's (hub.py); hpo.py
+# has the search's attributes.
 CONSTANTS = {
-    "deepspeed": None, "is_deepspeed_enabled": False, "is_fsdp_enabled": False, "hub_model_id": None, "hp_name": None,
-    "hp_search_backend": None,
+    "deepspeed": None, "is_deepspeed_enabled": False, "is_fsdp_enabled": False, "hub_model_id": None,
     # transformers' values without `fsdp` (`args.fsdp and ...`): None, not False
     "is_fsdp_xla_enabled": None, "is_fsdp_xla_v1_enabled": None, "is_fsdp_xla_v2_enabled": None,
 }
@@ -119,6 +114,18 @@ def _model_wrapped(self):
     if wrapped is None or wrapped is module:  # not training now: the wrapper of the last train(), if any
         wrapped = getattr(module.flow, "model_wrapped", None)
     return self.model if wrapped is None or wrapped is module else wrapped
+
+
+def _release_model_wrapped(self, value) -> None:
+    """`trainer.model_wrapped = None` (transformers' optuna search frees each trial's model so): the Lightning
+    module and trainer that hold the wrapper are dropped; the next train() builds new ones."""
+    if value is not None:
+        raise AttributeError(
+            "Trainer.model_wrapped follows Lightning's strategy in hf_lightning (it wraps the model when a loop "
+            "starts); it can only be released (set to None). Choose the wrapper with "
+            "`lightning_trainer_kwargs={'strategy': ...}`."
+        )
+    self.lightning_module = self.lightning_trainer = None
 
 
 def _is_model_parallel(self) -> bool:
@@ -190,7 +197,7 @@ def apply(cls) -> None:
         "get_learning_rates": trainer_pt_utils.get_learning_rates,
         "get_num_trainable_parameters": trainer_pt_utils.get_num_trainable_parameters,
         "get_optimizer_group": trainer_pt_utils.get_optimizer_group,
-        "model_wrapped": property(_model_wrapped, doc=_model_wrapped.__doc__),
+        "model_wrapped": property(_model_wrapped, _release_model_wrapped, doc=_model_wrapped.__doc__),
         "is_model_parallel": property(_is_model_parallel, doc=_is_model_parallel.__doc__),
         "is_distributed_loading_by_transformers": property(
             lambda self: getattr(self.model, "is_distributed_loading_by_transformers", False)
@@ -202,6 +209,7 @@ def apply(cls) -> None:
         "_push_from_checkpoint": hub.push_from_checkpoint,
         "_finish_current_push": hub.finish_current_push,
         **CONSTANTS,
+        **hpo.SURFACE,
         **{name: _refused(name, message) for name, message in REFUSED.items()},
     }
     for name in BORROWED:

@@ -7,7 +7,6 @@ pieces that do the work (README, "Layout"), none of which imports it back.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import os
 from collections.abc import Callable
@@ -147,13 +146,6 @@ class Trainer:
         for name in ("model_accepts_loss_kwargs", "label_names", "can_return_loss", "label_smoother"):
             setattr(self, name, getattr(traits, name))
         self._loss_shifts_labels = traits.loss_shifts_labels
-
-    def call_model_init(self, trial=None) -> nn.Module:
-        n_params = len(inspect.signature(self.model_init).parameters)
-        model = self.model_init() if n_params == 0 else self.model_init(trial)
-        if model is None:
-            raise RuntimeError("`model_init` should not return None.")
-        return model
 
     # ------------------------------------------------------------------ processes
 
@@ -393,15 +385,14 @@ class Trainer:
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None):
         """Train as transformers.Trainer.train does; returns a TrainOutput."""
-        if trial is not None:
-            raise ValueError("Hyperparameter search (`trial=`) is not supported by hf_lightning yet.")
         args = self.args
         self._run.model_prepared = True
         if self.model_init is not None:
             enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
-            self.model = self.call_model_init()
+            self.model = self.call_model_init(trial)
             self._check_model(self.model)
             self.optimizer, self.lr_scheduler = None, None
+        self._hp_search_setup(trial)  # hpo.py: the trial's values on args (transformers: after model_init(trial))
         apply_log_levels(args)  # `datasets` may have been imported since __init__
         resume_from_checkpoint = ckpt.resolve_resume_path(args, resume_from_checkpoint)
         inner = hf_data.find_batch_size(self, self._inner_training_loop, resume_from_checkpoint)
@@ -485,7 +476,7 @@ class Trainer:
         hub.after_save_model(self, _internal_call)
 
     def _save_checkpoint(self, model=None, trial=None) -> None:
-        ckpt.save_checkpoint(self, self._run, self.lightning_trainer)
+        ckpt.save_checkpoint(self, self._run, self.lightning_trainer, trial)
 
 
 surface.apply(Trainer)

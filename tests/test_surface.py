@@ -27,7 +27,6 @@ PROTECTED_HOOKS = ("_prepare_inputs", "_evaluate", "_maybe_log_save_evaluate", "
 
 # Each refusal names the alternative to use.
 ALTERNATIVES = {
-    "hyperparameter_search": "model_init",
     "create_accelerator_and_postprocess": "lightning_trainer_kwargs",
     "evaluation_loop": "trainer.evaluate",
     "_maybe_log_save_evaluate": "TrainerCallback",
