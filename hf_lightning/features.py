@@ -189,6 +189,10 @@ def feature_callbacks(args) -> list[pl.Callback]:
     # TrainingArguments.__post_init__ already turned torch_compile on for a backend or mode, inductor by default.
     if args.torch_compile:
         callbacks.append(TorchCompile(args.torch_compile_backend, args.torch_compile_mode))
+    if getattr(args, "async_save", False) and args.save_strategy != "no":
+        from .background_save import BackgroundSave
+
+        callbacks.append(BackgroundSave())
     return callbacks
 
 
