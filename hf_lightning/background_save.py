@@ -51,7 +51,7 @@ def snapshots_model(model) -> bool:
     from transformers import PreTrainedModel
 
     if isinstance(model, PreTrainedModel):
-        return not getattr(model, "_hf_peft_config_loaded", False)
+        return not getattr(model, "peft_config", None)  # set by transformers' load_adapter/add_adapter
     return not hasattr(model, "save_pretrained")
 
 
@@ -62,7 +62,8 @@ class SnapshotBuffers:
 
     def __init__(self):
         self._store: dict[tuple, torch.Tensor] = {}
-        self.events: list = []  # CUDA events of non-blocking copies the writer waits for
+        self._device_copies = False  # non-blocking copies from a GPU queued since the last seal()
+        self._copied = None  # the CUDA event the writer waits for before it reads the buffers
 
     def take(self, obj: Any, key: tuple = (), copy_data: bool = True, _memo: dict | None = None) -> Any:
         memo = {} if _memo is None else _memo
@@ -79,28 +80,28 @@ class SnapshotBuffers:
                 self._store[key] = buffer
             if copy_data:
                 buffer.copy_(obj.detach(), non_blocking=obj.is_cuda)
-                if obj.is_cuda and not self.events:
-                    self.events.append(None)  # an event is recorded once all copies are queued (see snapshot)
+                self._device_copies = self._device_copies or obj.is_cuda
             memo[alias] = buffer
             return buffer
         if isinstance(obj, dict):
             return {k: self.take(v, (*key, k), copy_data, memo) for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        if type(obj) in (list, tuple):  # other sequences (a namedtuple) are deep-copied whole, below
             return type(obj)(self.take(v, (*key, i), copy_data, memo) for i, v in enumerate(obj))
         return copy.deepcopy(obj) if copy_data else None
 
+    def seal(self) -> None:
+        """Called by the training thread once the copies are queued (later kernels, queued after them, may change
+        the sources)."""
+        if self._device_copies:
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+            self._device_copies = False
+
     def ready(self) -> None:
         """Called by the writer before it reads the buffers: the non-blocking device copies have landed."""
-        for event in self.events:
-            event.synchronize()
-        self.events.clear()
-
-    def seal(self) -> None:
-        """Called by the training thread after the copies are queued: later kernels may change the sources."""
-        if self.events:
-            event = torch.cuda.Event()
-            event.record()
-            self.events[:] = [event]
+        copied, self._copied = self._copied, None
+        if copied is not None:
+            copied.synchronize()
 
 
 class BackgroundSave(pl.Callback):
@@ -109,7 +110,7 @@ class BackgroundSave(pl.Callback):
     def __init__(self):
         self.buffers = SnapshotBuffers()
         self._executor: ThreadPoolExecutor | None = None
-        self._pending: Future | None = None
+        self._pending: list[Future] = []  # in submission order; the single writer runs them in that order
         self._prepared = False
 
     @staticmethod
@@ -124,16 +125,15 @@ class BackgroundSave(pl.Callback):
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="hf_lightning-checkpoint",
                                                 initializer=_lower_own_priority)
-        self._pending = self._executor.submit(job)
-
-    def in_flight(self) -> bool:
-        return self._pending is not None and not self._pending.done()
+        self._pending.append(self._executor.submit(job))
 
     def wait(self) -> None:
-        """Until the write in flight is done; raises its error."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+        """Until everything submitted is done; raises the first error."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.exception()  # every job finished before an error is raised
+        for future in pending:
+            future.result()
 
     def close(self) -> None:
         try:
@@ -148,7 +148,7 @@ class BackgroundSave(pl.Callback):
     # ------------------------------------------------------------------ Lightning hooks
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self._pending is not None and self._pending.done():
+        if any(future.done() and future.exception() is not None for future in self._pending):
             self.wait()  # a failed write ends training here, naming its error
         if not self._prepared and trainer.is_global_zero:
             # After the first optimizer step the optimizer state exists: the buffers of what a save copies (see
