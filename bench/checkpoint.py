@@ -1,20 +1,27 @@
-"""Save and resume cost of an 81M-parameter model: transformers.Trainer vs hf_lightning.Trainer, same run.
+"""Save and resume cost of an 81M-parameter model: transformers.Trainer vs hf_lightning.Trainer (synchronous and
+`async_save=True`), in one run.
 
-Each framework trains a Llama (81M parameters, from config) for 7 steps with a save at step 3, then resumes from that
-checkpoint in a fresh Trainer. Reported: time of the save (on_save minus the step end), the stall (the step interval
-that holds the save minus the median of the others: what a save costs training), time from train(resume) to the
-first resumed step, and the checkpoint folder's size. hf_lightning's folders hold exactly transformers' files by
-default; `save_lightning_checkpoint=True` adds the lightning.ckpt export (a second copy of weights and optimizer).
+Each measurement is a fresh process (`--one NAME`) that trains a Llama (81M parameters, from config) for 10 steps
+with a save at step 4, then resumes from that checkpoint in a fresh Trainer. Reported, as medians over the rounds
+(each round runs every framework once, so machine noise hits them alike): time of the save (on_save minus the step
+end; for async_save, the time the training thread spends on it), the stall (the step interval that holds the save
+minus the median of the intervals without a save: what a save costs training at that step), the whole cost to
+training (the sum over the save's interval and every later one of its excess over that median: with async_save, the
+writer's competition for the cores shows up here), time from train(resume) to the first resumed step, and the
+checkpoint folder's size. hf_lightning's folders hold exactly transformers' files by default; `--export` adds a row
+with `save_lightning_checkpoint=True` (a second copy of weights and optimizer in lightning.ckpt).
 
-    python bench/checkpoint.py           # the 81M Llama (slow on CPU: run it on a quiet machine)
-    python bench/checkpoint.py --tiny    # a 2-layer toy: checks that the script runs
+    python bench/checkpoint.py [--rounds 3] [--export]   # the 81M Llama (slow on CPU: run it on a quiet machine)
+    python bench/checkpoint.py --tiny --rounds 1         # a 2-layer toy: checks that the script runs
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +33,7 @@ import hf_lightning
 
 
 TINY = "--tiny" in sys.argv
-SAVE_AT, STEPS = 3, 7
+SAVE_AT, STEPS = 4, 10
 
 
 def model():
@@ -55,12 +62,21 @@ class Clock(transformers.TrainerCallback):
         self.marks.setdefault("save", {})[state.global_step] = time.time()
 
 
-def run(framework, root, **extra):
+RUNS = {  # name: (framework, extra TrainingArguments)
+    "transformers.Trainer": ("hf", {}),
+    "hf_lightning.Trainer": ("hl", {}),
+    "hf_lightning, async_save=True": ("hl", {"async_save": True}),
+    "hf_lightning, save_lightning_checkpoint=True": ("hl", {"save_lightning_checkpoint": True}),
+}
+
+
+def run(name, root):
+    framework, extra = RUNS[name]
     trainer_cls = transformers.Trainer if framework == "hf" else hf_lightning.Trainer
     args_cls = transformers.TrainingArguments if framework == "hf" else hf_lightning.TrainingArguments
     ids = torch.randint(0, 32000, (2 * STEPS, 128))
     data = [{"input_ids": row, "labels": row} for row in ids]
-    out = os.path.join(root, framework + ("-export" if extra else ""))
+    out = os.path.join(root, "run")
     args = args_cls(out, per_device_train_batch_size=2, max_steps=STEPS, save_steps=SAVE_AT, report_to="none",
                     disable_tqdm=True, use_cpu=True, log_level="error", **extra)
     clock = Clock()
@@ -68,30 +84,50 @@ def run(framework, root, **extra):
     ends = clock.marks["step_end"]
     save_s = clock.marks["save"][SAVE_AT] - ends[SAVE_AT]
     intervals = {step: ends[step] - ends[step - 1] for step in range(2, STEPS + 1)}
-    with_save = intervals.pop(SAVE_AT + 1)
-    stall_s = with_save - statistics.median(intervals.values())
+    base = statistics.median(v for step, v in intervals.items() if step != SAVE_AT + 1)
+    stall_s = intervals[SAVE_AT + 1] - base
+    cost_s = sum(max(intervals[step] - base, 0.0) for step in range(SAVE_AT + 1, STEPS + 1))
     size = folder_mb(os.path.join(out, f"checkpoint-{SAVE_AT}"))
     clock2 = Clock()
     start = time.time()
     trainer_cls(model(), args=args, train_dataset=data, callbacks=[clock2]).train(
         resume_from_checkpoint=os.path.join(out, f"checkpoint-{SAVE_AT}"))
     resume_s = clock2.marks["step_end"][SAVE_AT + 1] - start
-    return save_s, stall_s, resume_s, size
+    return {"save": save_s, "stall": stall_s, "cost": cost_s, "resume": resume_s, "size": size, "step": base}
 
 
 def main():
-    root = tempfile.mkdtemp()
+    if "--one" in sys.argv:  # one measurement in this process: its JSON on the last line
+        root = tempfile.mkdtemp()
+        try:
+            print(json.dumps(run(sys.argv[sys.argv.index("--one") + 1], root)))
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        return
+    rounds = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 3
+    names = [n for n in RUNS if "--export" in sys.argv or "save_lightning_checkpoint" not in n]
     params = sum(p.numel() for p in model().parameters()) / 1e6
-    print(f"Llama from config, {params:.0f}M parameters, {STEPS} CPU steps of 2x128 tokens, a save at step {SAVE_AT}\n")
-    print(f"| framework | save (s) | stall around the save (s) | resume to first step (s) | checkpoint size (MB) |")
-    print("| --- | --- | --- | --- | --- |")
-    for name, framework, extra in (("transformers.Trainer", "hf", {}), ("hf_lightning.Trainer", "hl", {}),
-                                   ("hf_lightning, save_lightning_checkpoint=True", "hl",
-                                    {"save_lightning_checkpoint": True})):
-        save_s, stall_s, resume_s, size = run(framework, root, **extra)
-        print(f"| {name} | {save_s:.2f} | {stall_s:.2f} | {resume_s:.2f} | {size:.0f} |")
-        sys.stdout.flush()
-    shutil.rmtree(root, ignore_errors=True)
+    print(f"Llama from config, {params:.0f}M parameters, {STEPS} CPU steps of 2x128 tokens, a save at step {SAVE_AT}, "
+          f"{rounds} rounds (medians)\n")
+    results = {name: [] for name in names}
+    for _ in range(rounds):
+        for name in names:
+            command = [sys.executable, __file__, "--one", name] + (["--tiny"] if TINY else [])
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
+            results[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    print("| framework | step (s) | save (s) | stall around the save (s) | whole cost to training (s) "
+          "| resume to first step (s) | checkpoint size (MB) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    hf = {key: statistics.median(r[key] for r in results["transformers.Trainer"]) for key in ("save", "stall")}
+    for name in names:
+        m = {key: statistics.median(r[key] for r in results[name]) for key in results[name][0]}
+        ratio = lambda key: f" ({m[key] / hf[key]:.2f}x)" if hf[key] > 0 else ""  # noqa: E731
+        print(f"| {name} | {m['step']:.2f} | {m['save']:.2f}{ratio('save')} | {m['stall']:.2f}{ratio('stall')} | "
+              f"{m['cost']:.2f} | {m['resume']:.2f} | {m['size']:.0f} |")
+    print("\nper round:", json.dumps({n: [{k: round(v, 2) for k, v in r.items()} for r in rs]
+                                      for n, rs in results.items()}))
 
 
 if __name__ == "__main__":

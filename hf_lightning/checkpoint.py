@@ -15,6 +15,7 @@ folder (see `missing_training_state`) is refused or, given explicitly to train()
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -40,6 +41,7 @@ from transformers.trainer_utils import (
 )
 
 from . import adapters, compat
+from .background_save import BackgroundSave, SnapshotBuffers, snapshots_model
 from .optimizers import OptimizerQuirks, optimizer_state_globals
 from .run import RunState, TrainerHooks, TrainingPlan
 
@@ -137,20 +139,37 @@ def save_model_folder(hooks: TrainerHooks, output_dir: str, final_dir: str | Non
     user deploys (transformers 5.24 saves the training iterate); the next training step switches it back."""
     if not hooks.args.should_save:
         return
+    model_folder_writer(hooks, output_dir, final_dir)()
+
+
+def model_folder_writer(hooks: TrainerHooks, output_dir: str, final_dir: str | None = None,
+                        buffers: SnapshotBuffers | None = None):
+    """save_model_folder's work as a function to call later. With `buffers` (a background save), the weights are
+    copied into them now and the function writes the copy; a model whose weights are not copied (see
+    `snapshots_model`) is written now."""
     OptimizerQuirks(hooks.optimizer).eval()
-    os.makedirs(output_dir, exist_ok=True)
     hf_logger.info(f"Saving model checkpoint to {final_dir or output_dir}")
-    model = hooks.model
-    with _paths_logged_as(output_dir, final_dir):
-        if hasattr(model, "save_pretrained"):
-            model.save_pretrained(output_dir)
-        else:
-            safetensors.torch.save_file(
-                {k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(output_dir, "model.safetensors")
-            )
-        if hooks.processing_class is not None and hasattr(hooks.processing_class, "save_pretrained"):
-            hooks.processing_class.save_pretrained(output_dir)
-    torch.save(hooks.args, os.path.join(output_dir, TRAINING_ARGS_NAME))  # for transformers' tools; never loaded here
+    model, processing_class, args = hooks.model, hooks.processing_class, hooks.args
+    weights = buffers.take(model.state_dict(), ("model",)) if buffers is not None and snapshots_model(model) else None
+
+    def write() -> None:
+        os.makedirs(output_dir, exist_ok=True)
+        with _paths_logged_as(output_dir, final_dir):
+            if hasattr(model, "save_pretrained"):
+                # save_pretrained pops the tensors it writes from the dict it is given: a fresh one, buffers stay
+                model.save_pretrained(output_dir, **({} if weights is None else {"state_dict": dict(weights)}))
+            else:
+                safetensors.torch.save_file(
+                    {k: v.contiguous() for k, v in (model.state_dict() if weights is None else weights).items()},
+                    os.path.join(output_dir, "model.safetensors"))
+            if processing_class is not None and hasattr(processing_class, "save_pretrained"):
+                processing_class.save_pretrained(output_dir)
+        torch.save(args, os.path.join(output_dir, TRAINING_ARGS_NAME))  # for transformers' tools; never loaded here
+
+    if buffers is not None and weights is None:
+        write()
+        return lambda: None
+    return write
 
 
 class _RenamePath(logging.Filter):
@@ -204,9 +223,16 @@ def _rng_file(args) -> str:
 
 def save_checkpoint(hooks: TrainerHooks, run: RunState, lightning_trainer, trial=None) -> str:
     """Write output_dir/checkpoint-{global_step}/ atomically (a search trial's: under output_dir/run-{id}/); returns
-    its path."""
+    its path. With `async_save`, what training changes is copied here and the files are written, flushed and renamed
+    in by the writer thread (background_save.py)."""
     args, state = run.args, run.state
     run_dir = hooks._get_output_dir(trial)
+    background = BackgroundSave.of(lightning_trainer)
+    if background is not None:
+        background.wait()  # the previous checkpoint is in place: the clean-up, best checkpoint and rotation read it
+        if lightning_trainer.received_sigterm:
+            background = None  # the process exits after this save: written here, before it does
+    buffers = background.buffers if background is not None and args.should_save else None
     name = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
     final_dir = os.path.join(run_dir, name)
     tmp_dir = os.path.join(run_dir, f"tmp-{name}")
@@ -216,35 +242,65 @@ def save_checkpoint(hooks: TrainerHooks, run: RunState, lightning_trainer, trial
     strategy.barrier("hf_lightning.save_checkpoint.start")
     if hooks.hp_search_backend is None and trial is None:  # as transformers: a trial's flos move at logs only
         run.store_flos(strategy)
-    save_model_folder(hooks, tmp_dir, final_dir)
+    write_model = model_folder_writer(hooks, tmp_dir, final_dir, buffers) if args.should_save else None
     if state.best_global_step and args.save_strategy in ("steps", "epoch", "best"):
         best_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.best_global_step}")
         # As transformers: only a folder that exists (this one, being written, or an earlier one).
         if state.best_global_step == state.global_step or os.path.isdir(best_dir):
             state.best_model_checkpoint = best_dir
+    copied = (lambda value: value) if buffers is None else copy.deepcopy
+    files = []  # (name, state) torch.save writes
     if not args.save_only_model:
         if args.should_save:
-            os.makedirs(tmp_dir, exist_ok=True)
-            torch.save(hooks.optimizer.state_dict(), os.path.join(tmp_dir, OPTIMIZER_NAME))
-            torch.save(hooks.lr_scheduler.state_dict(), os.path.join(tmp_dir, SCHEDULER_NAME))
+            optimizer_state = hooks.optimizer.state_dict()
+            files.append((OPTIMIZER_NAME, optimizer_state if buffers is None else buffers.take(optimizer_state,
+                                                                                                ("optimizer",))))
+            files.append((SCHEDULER_NAME, copied(hooks.lr_scheduler.state_dict())))
             scaler = getattr(lightning_trainer.precision_plugin, "scaler", None)
             if scaler is not None:
-                torch.save(scaler.state_dict(), os.path.join(tmp_dir, SCALER_NAME))
+                files.append((SCALER_NAME, copied(scaler.state_dict())))
+        # Every rank's RNG file, here and now (it is small): in before the ranks meet below, and the state of now.
         os.makedirs(tmp_dir, exist_ok=True)
         torch.save(rng_state(), os.path.join(tmp_dir, _rng_file(args)))
+    trainer_state = None
     if args.should_save:
         _refresh_stateful_callbacks(run)
-        state.save_to_json(os.path.join(tmp_dir, TRAINER_STATE_NAME))
+        trainer_state = copied(state)
     if getattr(args, "save_lightning_checkpoint", False) and not args.save_only_model:
         # the full state (optimizer, loops, callbacks): said explicitly, as Lightning otherwise notes its default
         lightning_trainer.save_checkpoint(os.path.join(tmp_dir, LIGHTNING_CKPT_NAME), weights_only=False)
-    strategy.barrier("hf_lightning.save_checkpoint.written")  # every rank's files are in before the rename
-    if args.should_save:
+    best_model_checkpoint = state.best_model_checkpoint
+
+    def write_files() -> None:
+        if write_model is not None:
+            write_model()
+        for file_name, value in files:
+            torch.save(value, os.path.join(tmp_dir, file_name))
+        if trainer_state is not None:
+            trainer_state.save_to_json(os.path.join(tmp_dir, TRAINER_STATE_NAME))
+
+    def put_in_place() -> None:
         _replace_dir_atomically(tmp_dir, final_dir)
         if args.push_to_hub:  # before the rotation, as transformers (the push runs in the background)
             hooks._push_from_checkpoint(final_dir)
-        rotate_checkpoints(run_dir, args.save_total_limit, state.best_model_checkpoint)
+        rotate_checkpoints(run_dir, args.save_total_limit, best_model_checkpoint)
+
+    if background is None:
+        write_files()
+    strategy.barrier("hf_lightning.save_checkpoint.written")  # every rank's files are in before the rename
+    if args.should_save and background is None:
+        put_in_place()
+    elif args.should_save:
+        buffers.seal()
+        background.submit(lambda: (buffers.ready(), write_files(), put_in_place()))
     return final_dir
+
+
+def wait_for_saves(lightning_trainer) -> None:
+    """With `async_save`: until the checkpoint being written in the background is in place (raises its error)."""
+    background = BackgroundSave.of(lightning_trainer)
+    if background is not None:
+        background.wait()
 
 
 def _refresh_stateful_callbacks(run: RunState) -> None:

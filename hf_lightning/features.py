@@ -208,6 +208,10 @@ def feature_callbacks(args) -> list[pl.Callback]:
         callbacks.append(TorchCompile(args.torch_compile_backend, args.torch_compile_mode))
     if args.use_liger_kernel:
         callbacks.append(LigerKernel(args.liger_kernel_config))
+    if getattr(args, "async_save", False) and args.save_strategy != "no":
+        from .background_save import BackgroundSave
+
+        callbacks.append(BackgroundSave())
     return callbacks
 
 

@@ -341,6 +341,7 @@ class TrainingFlow(pl.Callback):
     def on_train_end(self, trainer, pl_module):
         hooks, run = self.hooks, self.run
         state = run.state
+        ckpt.wait_for_saves(trainer)  # async_save: the last checkpoint is in place before the best one is loaded
         hf_logger.info("\n\nTraining completed. Do not forget to share your model on huggingface.co/models =)\n\n")
         self.total_loss_scalar += self._mean_over_processes(self.tr_loss).item()
         num_steps = state.global_step - self.initial_global_step

@@ -161,6 +161,7 @@ FIELD_POLICY: dict[str, tuple[str, str]] = {
     "generation_max_length": (HONOURED, "generate(max_length=) in evaluate/predict and in-training evaluations"),
     "generation_num_beams": (HONOURED, "generate(num_beams=) in evaluate/predict and in-training evaluations"),
     "generation_config": (HONOURED, "Seq2SeqTrainer sets model.generation_config (transformers' loader)"),
+    "async_save": (HONOURED, "background_save.BackgroundSave: files written, flushed and renamed in by a thread"),
 }
 
 # Values that are refused although they are legal for transformers.
@@ -189,6 +190,12 @@ class TrainingArguments(transformers.TrainingArguments):
         default=False,
         metadata={"help": "Also write a Lightning `lightning.ckpt` file into every checkpoint-N folder (an export: "
                           "Lightning's `fit(ckpt_path=)` reads the checkpoint-N folder itself)."},
+    )
+    async_save: bool = field(
+        default=False,
+        metadata={"help": "Write checkpoints in a background thread: a save only copies the weights and optimizer "
+                          "state into reused CPU buffers (as much memory again) and training goes on while the "
+                          "files are written, flushed and renamed in. Pays off where spare cores (or a GPU) exist."},
     )
 
 

@@ -63,6 +63,24 @@ def assert_bitwise(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
+def assert_same_state(a, b):
+    assert type(a) is type(b)
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif hasattr(a, "shape"):  # numpy's RNG keys
+        assert (a == b).all()
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_same_state(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same_state(x, y)
+    else:
+        assert a == b
+
+
 def resumed_at(output):
     return int(re.findall(r"^RESUMED_AT (\d+)$", output, re.M)[-1])
 
@@ -155,6 +173,90 @@ def test_sigkill_then_resume_is_bitwise_exact(job, uninterrupted, tmp_path, poin
     assert_complete(out / f"checkpoint-{resumed_from}", reference)
     assert_bitwise(final_weights(out), final_weights(reference))
     assert sorted(os.listdir(out)) == sorted(os.listdir(reference))  # every checkpoint, no tmp-* folder left
+
+
+# async_save=True: the same kills, inside the writer thread while training goes on (the RNG file and the
+# lightning.ckpt export are written on the training thread, as above). The newest complete checkpoint is resumed.
+ASYNC_KILLS = [
+    ("write:model.safetensors@4", [], None, "latest", 2),
+    ("write:optimizer.pt@6", [], None, "latest", 4),
+    ("rename@8", [], None, "latest", 6),
+    ("discard@4", ["checkpoint-2", "checkpoint-4"], "checkpoint-2", "latest", 4),
+]
+
+
+@pytest.mark.parametrize("point,existing,first_resume,then_resume,resumed_from", ASYNC_KILLS,
+                         ids=[k[0] for k in ASYNC_KILLS])
+def test_sigkill_in_the_background_writer_then_resume_is_bitwise_exact(job, uninterrupted, tmp_path, point, existing,
+                                                                       first_resume, then_resume, resumed_from):
+    reference, out = uninterrupted / "hl", tmp_path / "run"
+    for name in existing:
+        shutil.copytree(reference / name, out / name)
+    job("hl", out, "--async-save", "--kill", point, *(["--resume", out / first_resume] if first_resume else []),
+        killed_at=point)
+    latest = transformers.trainer_utils.get_last_checkpoint(str(out))
+    assert_complete(latest, reference)
+    output = job("hl", out, "--async-save", "--resume", then_resume)
+    assert resumed_at(output) == resumed_from
+    assert_complete(out / f"checkpoint-{resumed_from}", reference)
+    assert_bitwise(final_weights(out), final_weights(reference))
+    assert sorted(os.listdir(out)) == sorted(os.listdir(reference))
+
+
+def test_training_goes_on_while_the_background_writer_writes(tmp_path, monkeypatch):
+    """With async_save the save of step 2 is held inside its optimizer.pt until step 4 has ended: training must
+    reach step 4 meanwhile (a synchronous save would wait forever), and every checkpoint still ends up complete
+    and bitwise equal to a synchronous run's."""
+    import threading
+
+    released, seen = threading.Event(), {}
+    real_save = torch.save
+
+    def held_save(obj, f, *args, **kwargs):
+        if threading.current_thread() is not threading.main_thread() and str(f).endswith(
+                os.path.join("tmp-checkpoint-2", "optimizer.pt")):
+            seen["released_in_time"] = released.wait(timeout=120)
+        return real_save(obj, f, *args, **kwargs)
+
+    class Watch(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.setdefault("folders", {})[state.global_step] = sorted(os.listdir(args.output_dir))
+            if state.global_step == 4:
+                released.set()
+
+    monkeypatch.setattr(torch, "save", held_save)
+    trainer = _trainer(tmp_path / "async", max_steps=6, async_save=True)
+    trainer.add_callback(Watch())
+    trainer.train()
+    assert seen["released_in_time"]
+    assert "checkpoint-2" not in seen["folders"][3]  # still being written after the next step
+    monkeypatch.setattr(torch, "save", real_save)
+    _trainer(tmp_path / "sync", max_steps=6).train()
+    for step in (2, 4, 6):
+        folder, expected = tmp_path / "async" / f"checkpoint-{step}", tmp_path / "sync" / f"checkpoint-{step}"
+        assert sorted(os.listdir(folder)) == sorted(os.listdir(expected))
+        assert_bitwise(safetensors.torch.load_file(folder / "model.safetensors"),
+                       safetensors.torch.load_file(expected / "model.safetensors"))
+        for name in ("optimizer.pt", "rng_state.pth"):
+            assert_same_state(torch.load(folder / name, weights_only=False),
+                              torch.load(expected / name, weights_only=False))
+    assert not [t for t in threading.enumerate() if t.name.startswith("hf_lightning-checkpoint")]
+
+
+def test_background_write_errors_surface(tmp_path, monkeypatch):
+    import errno
+
+    real_save = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):
+        if str(f).endswith("optimizer.pt"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        _trainer(tmp_path, async_save=True).train()
+    assert transformers.trainer_utils.get_last_checkpoint(str(tmp_path)) is None
 
 
 def test_checkpoint_moved_aside_resolves_the_same_on_every_rank(uninterrupted, tmp_path):

@@ -19,7 +19,7 @@ def test_every_transformers_field_is_classified():
     assert {policy for policy, _ in FIELD_POLICY.values()} <= {HONOURED, LIGHTNING, UNSUPPORTED}
     ours = [f.name for f in dataclasses.fields(hf_lightning.TrainingArguments) if f.init]
     assert all(n in FIELD_POLICY for n in ours)
-    for name in ("lightning_trainer_kwargs", "save_lightning_checkpoint"):
+    for name in ("lightning_trainer_kwargs", "save_lightning_checkpoint", "async_save"):
         field = next(f for f in dataclasses.fields(hf_lightning.TrainingArguments) if f.name == name)
         assert field.metadata["help"]  # HfArgumentParser shows it
 

@@ -51,6 +51,7 @@ def parse(argv):
     parser.add_argument("--resume")
     parser.add_argument("--signal", help="NAME@S: send SIGNAME to this process at the end of step S")
     parser.add_argument("--jit", action="store_true", help="enable_jit_checkpoint=True")
+    parser.add_argument("--async-save", action="store_true", help="hf_lightning's async_save=True")
     parser.add_argument("--save-steps", type=int, default=2)
     parser.add_argument("--grad-accum", type=int, default=2)
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) on the frozen model")
@@ -158,7 +159,7 @@ def main(argv) -> None:
     trainer_cls = transformers.Trainer if opts.framework == "hf" else hf_lightning.Trainer
     args_cls = transformers.TrainingArguments if opts.framework == "hf" else hf_lightning.TrainingArguments
     # hf_lightning's runs export lightning.ckpt too, so that kills inside that file and resumes from it are covered.
-    export = {} if opts.framework == "hf" else {"save_lightning_checkpoint": True}
+    export = {} if opts.framework == "hf" else {"save_lightning_checkpoint": True, "async_save": opts.async_save}
     args = args_cls(
         opts.output_dir, per_device_train_batch_size=3, gradient_accumulation_steps=opts.grad_accum,
         num_train_epochs=3, save_steps=opts.save_steps, logging_steps=1, learning_rate=1e-2, report_to="none",

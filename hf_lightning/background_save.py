@@ -1,0 +1,170 @@
+"""`async_save=True`: a checkpoint's files are written, flushed and renamed in by a background thread.
+
+On the training thread a save only copies the state that training changes (weights, optimizer state) into CPU
+buffers allocated once and reused by every later save (pinned, and copied without blocking, for GPU tensors), and
+snapshots the small rest (scheduler, scaler, TrainerState). The writer thread then runs the same writers as a
+synchronous save (save_pretrained, torch.save, save_to_json), the fsync of every file and folder, the atomic rename
+and the rotation (checkpoint.py), at the lowest OS priority (Linux: its own thread's niceness), so that it takes the
+cores training leaves idle rather than slowing training down.
+
+Why not Lightning's `AsyncCheckpointIO`: it writes one file per call from a fresh `clone()` of every tensor (the
+first touch of ~1 GB of new memory at each save is most of the stall it is meant to remove), and a checkpoint-N
+folder is several files renamed in together once all are written.
+
+Everything that reads a checkpoint waits for the write in flight: the next save, the end of training (before the
+best model is loaded and the last `save_total_limit` clean-up), an exception leaving `fit`, and a SIGTERM's save
+(written synchronously: the process is about to exit). A failed write is raised at the next step's end.
+A SIGKILL while the writer writes leaves the previous checkpoint the newest complete one (the folder is renamed in
+only once complete). `on_save` fires when the save is taken, as with a synchronous save; its folder is complete
+once the writer is done (`BackgroundSave.wait()`).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import sys
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable
+
+import lightning.pytorch as pl
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def _lower_own_priority() -> None:
+    # On Linux a thread is a task with its own niceness: this lowers the writer only, not the process.
+    if sys.platform.startswith("linux"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except OSError as err:  # a sandbox may refuse it: the writer then runs at the training thread's priority
+            logger.debug("hf_lightning: could not lower the checkpoint writer's priority (%s)", err)
+
+
+def snapshots_model(model) -> bool:
+    """Whether a save copies the model's weights for the writer: a transformers model (its save_pretrained takes the
+    copy as `state_dict=`) or a plain nn.Module (written with safetensors). Anything else with a save_pretrained of
+    its own (a peft model: adapter weights only, small) writes its folder on the training thread."""
+    from transformers import PreTrainedModel
+
+    if isinstance(model, PreTrainedModel):
+        return not getattr(model, "peft_config", None)  # set by transformers' load_adapter/add_adapter
+    return not hasattr(model, "save_pretrained")
+
+
+class SnapshotBuffers:
+    """Copies of nested state (dicts, lists, tuples of tensors and plain values) into tensors kept from one save to
+    the next, keyed by their place in the structure; tensors that share memory in the source share it in the copy
+    (save_pretrained recognises tied weights by their storage)."""
+
+    def __init__(self):
+        self._store: dict[tuple, torch.Tensor] = {}
+        self._device_copies = False  # non-blocking copies from a GPU queued since the last seal()
+        self._copied = None  # the CUDA event the writer waits for before it reads the buffers
+
+    def take(self, obj: Any, key: tuple = (), copy_data: bool = True, _memo: dict | None = None) -> Any:
+        memo = {} if _memo is None else _memo
+        if isinstance(obj, torch.Tensor):
+            alias = (obj.untyped_storage().data_ptr(), obj.storage_offset(), tuple(obj.shape), tuple(obj.stride()),
+                     obj.dtype, obj.device)
+            if alias in memo:
+                return memo[alias]
+            buffer = self._store.get(key)
+            if buffer is None or buffer.shape != obj.shape or buffer.dtype != obj.dtype:
+                buffer = torch.empty(obj.shape, dtype=obj.dtype, device="cpu", pin_memory=obj.is_cuda)
+                if not copy_data:
+                    buffer.zero_()  # touch the pages now (in the writer), not on the first save's copy
+                self._store[key] = buffer
+            if copy_data:
+                buffer.copy_(obj.detach(), non_blocking=obj.is_cuda)
+                self._device_copies = self._device_copies or obj.is_cuda
+            memo[alias] = buffer
+            return buffer
+        if isinstance(obj, dict):
+            return {k: self.take(v, (*key, k), copy_data, memo) for k, v in obj.items()}
+        if type(obj) in (list, tuple):  # other sequences (a namedtuple) are deep-copied whole, below
+            return type(obj)(self.take(v, (*key, i), copy_data, memo) for i, v in enumerate(obj))
+        return copy.deepcopy(obj) if copy_data else None
+
+    def seal(self) -> None:
+        """Called by the training thread once the copies are queued (later kernels, queued after them, may change
+        the sources)."""
+        if self._device_copies:
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+            self._device_copies = False
+
+    def ready(self) -> None:
+        """Called by the writer before it reads the buffers: the non-blocking device copies have landed."""
+        copied, self._copied = self._copied, None
+        if copied is not None:
+            copied.synchronize()
+
+
+class BackgroundSave(pl.Callback):
+    """Owns the writer thread and the snapshot buffers of one `fit`; checkpoint.save_checkpoint hands it the writes."""
+
+    def __init__(self):
+        self.buffers = SnapshotBuffers()
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []  # in submission order; the single writer runs them in that order
+        self._prepared = False
+
+    @staticmethod
+    def of(lightning_trainer) -> BackgroundSave | None:
+        if lightning_trainer is None:
+            return None
+        return next((cb for cb in lightning_trainer.callbacks if isinstance(cb, BackgroundSave)), None)
+
+    # ------------------------------------------------------------------ the writer
+
+    def submit(self, job: Callable[[], None]) -> None:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="hf_lightning-checkpoint",
+                                                initializer=_lower_own_priority)
+        self._pending.append(self._executor.submit(job))
+
+    def wait(self) -> None:
+        """Until everything submitted is done; raises the first error."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.exception()  # every job finished before an error is raised
+        for future in pending:
+            future.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+            self.buffers = SnapshotBuffers()  # ~ the model and optimizer state in memory: not kept past the fit
+            self._prepared = False
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if any(future.done() and future.exception() is not None for future in self._pending):
+            self.wait()  # a failed write ends training here, naming its error
+        if not self._prepared and trainer.is_global_zero:
+            # After the first optimizer step the optimizer state exists: the buffers of what a save copies (see
+            # checkpoint.save_checkpoint) are allocated and touched in the background now, so that the first save
+            # only copies. State dicts hold references: reading their shapes in the writer is safe.
+            self._prepared = True
+            model = pl_module.model.state_dict() if snapshots_model(pl_module.model) else {}
+            optimizer = trainer.optimizers[0].state_dict() if trainer.optimizers else {}
+            self.submit(lambda: (self.buffers.take(model, ("model",), copy_data=False),
+                                 self.buffers.take(optimizer, ("optimizer",), copy_data=False)))
+
+    def on_exception(self, trainer, pl_module, exception):
+        try:
+            self.close()
+        except Exception as err:  # noqa: BLE001 - the training error is the one raised; this one is reported
+            logger.error("hf_lightning: the checkpoint being written when training failed was not completed: %r", err)
+
+    def teardown(self, trainer, pl_module, stage):
+        self.close()
