@@ -229,6 +229,9 @@ class LightningAccelerator:
 
     `sync_gradients` is a plain attribute (True by default): the owner of the loop sets it False for the micro-batches
     of an accumulation window whose gradients are not synchronised, and back to True for the last one.
+    `end_of_dataloader` and `remainder` are accelerate's `GradientState` fields that `gather_for_metrics` reads: the
+    owner of an evaluation loop sets them per batch (True on the last batch; the real samples of the last batch over
+    all processes, -1 when unknown) and resets them after it.
     """
 
     def __init__(
@@ -246,6 +249,8 @@ class LightningAccelerator:
         self._get_module = lightning_module if lightning_module is not None else (lambda: None)
         self.gradient_accumulation_steps = int(gradient_accumulation_steps)
         self.sync_gradients = True
+        self.end_of_dataloader = False
+        self.remainder = -1
         self.cpu = cpu
         self.flag_tensor: torch.Tensor | None = None
         self.state = LightningAcceleratorState(self)
@@ -473,24 +478,24 @@ class LightningAccelerator:
         return result
 
     def gather_for_metrics(self, input_data, use_gather_object: bool = False):
-        """`gather` (tensors) or `gather_object` (anything else, or `use_gather_object=True`).
-
-        accelerate also drops the samples its own dataloader duplicated to even out the last batch across processes.
-        hf_lightning's dataloaders are not accelerate's: nothing is dropped here, so a caller that padded its last
-        batch truncates the result to the dataset length itself."""
-        trainer = self._get_trainer()
-        if trainer is not None and (trainer.validating or trainer.testing or trainer.sanity_checking):
-            # hf_lightning's evaluation runs the whole eval set on every process (it is not sharded): each process
-            # already holds every sample, and gathering would count each one `num_processes` times.
-            return input_data
+        """`gather` (tensors) or `gather_object` (anything else, or `use_gather_object=True`), then, as accelerate,
+        on the last batch of an evaluation only its first `remainder` rows: the samples that the sharded loader
+        repeated to give every process a full last batch are dropped."""
         try:
             recursively_apply(lambda x: x, input_data, error_on_other_type=True)
             all_tensors = True
         except TypeError:
             all_tensors = False
-        if use_gather_object or not all_tensors:
-            return self.gather_object(input_data)
-        return self.gather(input_data)
+        use_gather_object = use_gather_object or not all_tensors
+        data = self.gather_object(input_data) if use_gather_object else self.gather(input_data)
+        if not self.end_of_dataloader or self.remainder <= 0:
+            return data
+        try:
+            if use_gather_object:
+                return data[: self.remainder]
+            return recursively_apply(lambda tensor: tensor[: self.remainder], data)
+        except TypeError:  # as accelerate: what cannot be sliced is returned whole
+            return data
 
     def pad_across_processes(self, tensor, dim: int = 0, pad_index=0, pad_first: bool = False):
         """Pad the tensors of a nested list/tuple/dict along `dim` to the largest size over all processes (with

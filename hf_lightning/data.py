@@ -193,6 +193,8 @@ class TrainerDataLoader(DataLoader):
         batch_sampler = self.batch_sampler
         inner = getattr(batch_sampler, "batch_sampler", None)  # accelerate's BatchSamplerShard
         if inner is not None:
+            if batch_sampler.split_batches:  # each process takes a slice of one batch
+                return inner.batch_size
             return inner.batch_size * getattr(batch_sampler, "num_processes", 1)
         if batch_sampler is not None:
             return batch_sampler.batch_size
@@ -201,6 +203,20 @@ class TrainerDataLoader(DataLoader):
     @property
     def total_dataset_length(self) -> int:
         return getattr(self.dataset, "total_length", None) or len(self.dataset)
+
+
+def remainder(loader) -> int:
+    """accelerate's `DataLoaderStateMixin.remainder`: how many real samples the last batch over all processes holds
+    (what `gather_for_metrics` keeps of it), 0 when it is full, -1 when unknown (no length, or drop_last)."""
+    inner = getattr(getattr(loader, "batch_sampler", None), "batch_sampler", None)  # accelerate's BatchSamplerShard
+    if getattr(loader, "drop_last", False) or getattr(inner, "drop_last", False):
+        return -1
+    try:
+        length = len(loader.dataset)
+        total = loader.total_batch_size if isinstance(loader, TrainerDataLoader) else loader.batch_size
+        return length % total
+    except (TypeError, AttributeError, ZeroDivisionError):
+        return -1
 
 
 def make_dataloader(args, dataset, collate_fn, batch_size: int, sampler, is_training: bool) -> DataLoader:
@@ -215,7 +231,9 @@ def make_dataloader(args, dataset, collate_fn, batch_size: int, sampler, is_trai
         "multiprocessing_context": args.dataloader_multiprocessing_context,
         "in_order": args.dataloader_in_order,
     }
-    shard = is_training and args.world_size > 1  # each process trains on its own batches, as accelerate shards them
+    # each process trains on, and evaluates, its own batches, as accelerate's prepare shards them; evaluation's
+    # padded last batches are dropped again by gather_for_metrics (the loader's `remainder`)
+    shard = args.world_size > 1
     if isinstance(dataset, IterableDataset):
         if shard:
             from transformers.trainer_pt_utils import IterableDatasetShard

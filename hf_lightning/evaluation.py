@@ -12,10 +12,11 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
-from transformers.trainer_pt_utils import EvalLoopContainer, find_batch_size
+from transformers.trainer_pt_utils import EvalLoopContainer, IterableDatasetShard, find_batch_size, nested_truncate
 from transformers.trainer_utils import EvalPrediction, denumpify_detensorize, has_length, speed_metrics
 
 from .run import RunState, TrainerHooks
@@ -70,34 +71,50 @@ class EvaluationRun:
         self.observed = 0
         self.steps = 0
         self.batch_metrics = None
+        self.remainder = -1  # accelerate's: the real samples of the last batch over all processes (data.remainder)
 
     def step(self, hooks: TrainerHooks, model, inputs, num_batches: float) -> None:
-        """One batch: transformers' `prediction_step`, then what its loop keeps of the result."""
+        """One batch: transformers' `prediction_step`, then what its loop keeps of the result, gathered from every
+        process (each evaluates its shard) with transformers' gather function."""
         args = self.args
+        accelerator = hooks.accelerator
         prediction_loss_only = True if hooks.compute_metrics is None else args.prediction_loss_only
         if self.description == PREDICTION:
             prediction_loss_only = args.prediction_loss_only
         batch_size = find_batch_size(inputs)
         self.observed += batch_size or 0
+        # what accelerate's dataloader tells gather_for_metrics (also when a prediction_step override calls it)
+        accelerator.end_of_dataloader = self.steps + 1 == num_batches
+        accelerator.remainder = self.remainder
+        if hooks._keep_padded_eval_losses:  # Seq2SeqTrainer gathers with a gather that drops no samples
+            gather = accelerator.gather
+        else:
+            gather = partial(accelerator.gather_for_metrics, use_gather_object=args.eval_use_gather_object)
         main_input_name = getattr(model, "main_input_name", "input_ids")
         inputs_decode = inputs[main_input_name] if "inputs" in args.include_for_metrics else None
         losses, logits, labels = hooks.prediction_step(model, inputs, prediction_loss_only, ignore_keys=self.ignore_keys)
         keep_all = not args.batch_eval_metrics or self.description == PREDICTION
         if losses is not None:
-            # transformers repeats each loss eval_batch_size times and its gather_for_metrics trims a short last
-            # batch's repeats; Seq2SeqTrainer's plain gather keeps them (its losses weigh every batch fully)
-            keep_padded = hooks._keep_padded_eval_losses
-            losses = losses.repeat(args.eval_batch_size if keep_padded else batch_size or args.eval_batch_size)
+            # each loss weighs eval_batch_size samples; gather_for_metrics trims a short last batch's repeats
+            losses = gather(losses.repeat(args.eval_batch_size))
             self.losses.add(losses)
-        if inputs_decode is not None and keep_all:
-            self.inputs.add(inputs_decode)
+        if inputs_decode is not None:
+            inputs_decode = gather(accelerator.pad_across_processes(inputs_decode, dim=1, pad_index=-100))
+            if keep_all:
+                self.inputs.add(inputs_decode)
+        if labels is not None:  # padded before preprocess_logits_for_metrics sees them, as in transformers
+            labels = accelerator.pad_across_processes(labels, dim=1, pad_index=-100)
         if logits is not None:
+            logits = accelerator.pad_across_processes(logits, dim=1, pad_index=-100)
             if hooks.preprocess_logits_for_metrics is not None:
                 logits = hooks.preprocess_logits_for_metrics(logits, labels)
+            logits = gather(logits)
             if keep_all:
                 self.preds.add(logits)
-        if labels is not None and keep_all:
-            self.labels.add(labels)
+        if labels is not None:
+            labels = gather(labels)
+            if keep_all:
+                self.labels.add(labels)
         self.steps += 1
         if args.batch_eval_metrics:
             if hooks.compute_metrics is not None and logits is not None and labels is not None:
@@ -113,6 +130,7 @@ class EvaluationRun:
         elif args.eval_accumulation_steps is not None and self.steps % args.eval_accumulation_steps == 0:
             for container in (self.losses, self.preds, self.labels, self.inputs):
                 container.to_cpu_and_numpy()
+        accelerator.end_of_dataloader, accelerator.remainder = False, -1
 
     def finish(self, hooks: TrainerHooks, run: RunState, dataset) -> EvaluationOutput:
         """transformers' metrics for the whole dataset (compute_metrics, the mean loss, the prefix on every key)."""
@@ -121,6 +139,13 @@ class EvaluationRun:
         all_preds = self.preds.get_arrays()
         all_labels = self.labels.get_arrays()
         all_inputs = self.inputs.get_arrays()
+        shard_examples = getattr(dataset, "num_examples", 0) if isinstance(dataset, IterableDatasetShard) else 0
+        if shard_examples > 0:
+            # a sharded stream has no length to trim its last batch by as it comes (accelerate's dispatcher knows it
+            # there): the padding that completed the processes' last batches is at the end, cut once it is counted
+            all_losses, all_preds, all_labels, all_inputs = (
+                _truncate(arrays, shard_examples) for arrays in (all_losses, all_preds, all_labels, all_inputs)
+            )
         if hooks.compute_metrics is not None and all_preds is not None and all_labels is not None and not args.batch_eval_metrics:
             metrics = hooks.compute_metrics(
                 EvalPrediction(
@@ -149,10 +174,27 @@ class EvaluationRun:
         try:
             num_samples = len(dataset)
         except TypeError:
-            num_samples = self.observed
+            num_samples = shard_examples or self.observed
         if num_samples == 0 and self.observed > 0:
             num_samples = self.observed
         return EvaluationOutput(self.prefix, self.description, start_time, metrics, all_preds, all_labels, num_samples)
+
+
+def _truncate(arrays, limit: int):
+    """The first `limit` samples of a container's arrays: nested arrays, or a list of per-batch ones
+    (eval_do_concat_batches=False)."""
+    if arrays is None:
+        return None
+    if not isinstance(arrays, list):
+        return nested_truncate(arrays, limit)
+    kept, seen = [], 0
+    for batch in arrays:
+        if seen >= limit:
+            break
+        size = find_batch_size(batch)
+        kept.append(nested_truncate(batch, limit - seen) if size is not None and seen + size > limit else batch)
+        seen += size or 0
+    return kept
 
 
 def report(hooks: TrainerHooks, run: RunState, output: EvaluationOutput) -> dict[str, float]:

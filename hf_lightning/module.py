@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch.strategies import ParallelStrategy
 
 from . import adapters, compat
+from . import data as hf_data
 from .gpu_strategies import engine_grad_norm, is_deepspeed, micro_batch_sync
 from .evaluation import EvaluationOutput, EvaluationRun, announce_evaluation, memory_stage
 from .optimizers import OptimizerQuirks, steps_on_metric
@@ -219,6 +220,7 @@ class TransformersModule(pl.LightningModule):
         if run.steps == 0:  # transformers announces each dataset's evaluation loop as it starts
             loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
             announce_evaluation(run.description, loader, self.run_state.args)
+            run.remainder = hf_data.remainder(loader)
         run.step(self.hooks, self.model, inputs, num_batches[dataloader_idx])
         self.run_state.on_prediction_step()
 

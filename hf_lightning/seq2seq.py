@@ -86,8 +86,8 @@ class Seq2SeqTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval",
                  **gen_kwargs):
         """transformers' Seq2SeqTrainer.evaluate: `gen_kwargs` (`max_length`, `num_beams`, ...) reach `generate()`
-        when `predict_with_generate` is set. (transformers also switches its gather to one that drops no samples;
-        here every process evaluates the whole set and nothing is gathered.)"""
+        when `predict_with_generate` is set. As transformers, the processes' shards are gathered with a gather that
+        drops no samples (`accelerator.gather`: under DDP the last batches' wrapped rows stay)."""
         self._gen_kwargs = generation_kwargs(self.args, gen_kwargs)
         return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 

@@ -92,8 +92,8 @@ FIELD_POLICY: dict[str, tuple[str, str]] = {
     "prediction_loss_only": (HONOURED, "prediction_step"),
     "eval_on_start": (HONOURED, "an evaluation right after on_train_begin"),
     "eval_do_concat_batches": (HONOURED, "transformers' EvalLoopContainer"),
-    "eval_use_gather_object": (HONOURED, "no gather in one process (as transformers); under DDP every process "
-                               "evaluates the whole set, so nothing is gathered either"),
+    "eval_use_gather_object": (HONOURED, "under DDP each process evaluates its shard; results gathered with "
+                               "accelerator.gather_for_metrics(use_gather_object=)"),
     "eval_accumulation_steps": (HONOURED, "predictions moved to CPU every N eval batches"),
     "include_for_metrics": (HONOURED, "EvalPrediction(inputs=..., losses=...)"),
     "batch_eval_metrics": (HONOURED, "compute_metrics(..., compute_result=) per batch"),

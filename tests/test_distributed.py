@@ -85,14 +85,49 @@ def test_lightning_launcher_run_equals_the_torchrun_run(ddp_runs):
     assert len([line for line in proc.stdout.splitlines() if line.startswith("{'loss'")]) == 6
 
 
-def test_ddp_eval_loss_is_the_single_process_value(ddp_runs, tmp_path):
-    # transformers 5.24 normalises each sharded eval batch by the token count of *both* processes' batches, so its
-    # DDP eval_loss depends on the world size; here every process evaluates the whole set and gets the true value.
-    hl = json.load(open(ddp_runs / "hl" / "history.json"))
-    model = type(tiny_llama()).from_pretrained(ddp_runs / "hl" / "final")
-    args = hf_lightning.TrainingArguments(str(tmp_path), report_to="none", use_cpu=True)
-    metrics = hf_lightning.Trainer(model, args=args, eval_dataset=lm_dataset(6, seed=5)).evaluate()
-    assert metrics["eval_loss"] == pytest.approx([e for e in hl if "eval_loss" in e][-1]["eval_loss"], rel=1e-5)
+def test_ddp_eval_loss_is_transformers_ddp_value(ddp_runs):
+    """Each process evaluates its shard (accelerate's BatchSamplerShard: the 6 rows fill one batch of 8 per process by
+    wrapping around) and the losses are gathered with gather_for_metrics, so eval_loss is transformers' DDP value,
+    which weighs the wrapped rows and differs from the single-process one: compared with transformers' DDP run."""
+    evals = lambda path: [e for e in json.load(open(path)) if "eval_loss" in e]  # noqa: E731
+    hf, hl = evals(ddp_runs / "hf" / "history.json"), evals(ddp_runs / "hl" / "history.json")
+    assert len(hl) == 2
+    assert_same_history(hf, hl, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def eval37_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval37")
+    for framework in ("hf", "hl"):
+        torchrun(framework, root / framework, "eval37")
+    return {framework: json.load(open(root / framework / "eval37.json")) for framework in ("hf", "hl")}
+
+
+def test_sharded_evaluation_of_37_samples(eval37_runs, tmp_path):
+    """evaluate() and predict() of 37 rows on 2 processes (batches of 4: the last one of process 1 wraps around to
+    rows 0-2): compute_metrics gets exactly 37 predictions in dataset order, with eval_do_concat_batches=False and
+    eval_accumulation_steps too. eval_loss is transformers' DDP value (it weighs the last batches as transformers
+    does: not the single-process value); the prediction-based metrics and the predictions are the single-process run's."""
+    from helpers import classification_dataset, tiny_bert
+
+    dataset = classification_dataset(37, seed=7)
+    single = hf_lightning.Trainer(tiny_bert(), args=hf_lightning.TrainingArguments(
+        str(tmp_path), per_device_eval_batch_size=4, report_to="none", use_cpu=True, include_for_metrics=["inputs"]),
+        compute_metrics=lambda p: {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())})
+    expected = single.predict(dataset)
+    numbers = lambda metrics: {k: v for k, v in metrics.items() if "time" not in k and "per_second" not in k}  # noqa: E731
+    assert eval37_runs["hl"].keys() == {"concat", "accumulation", "batches"}
+    for name, hl in eval37_runs["hl"].items():
+        hf = eval37_runs["hf"][name]
+        for prefix, split in (("eval", "eval"), ("test", "predict")):
+            assert hl[split][f"{prefix}_rows"] == 37
+            first_tokens = hl[split].pop(f"{prefix}_first_tokens")
+            assert first_tokens == hf[split].pop(f"{prefix}_first_tokens") == [row[0] for row in dataset["input_ids"]]
+            assert numbers(hl[split]) == pytest.approx(numbers(hf[split]), rel=1e-5)  # eval_loss included
+            assert hl[split][f"{prefix}_accuracy"] == pytest.approx(expected.metrics["test_accuracy"])
+        assert hl["eval"]["eval_loss"] != pytest.approx(expected.metrics["test_loss"], rel=1e-5)
+        assert torch.allclose(torch.tensor(hl["predictions"]), torch.from_numpy(expected.predictions), atol=1e-5)
+        assert hl["label_ids"] == expected.label_ids.tolist()
 
 
 def test_log_level_and_replica_level(ddp_runs):
@@ -136,18 +171,15 @@ def test_neftune_on_a_ddp_wrapped_model(tmp_path):
 
 
 def test_a_subclass_on_the_accelerator_under_ddp(tmp_path):
-    """training_step calling self.accelerator.backward trains as on transformers under DDP; gather_for_metrics in its
-    prediction_step leaves each sample counted once (hf_lightning evaluates the whole set on every process)."""
+    """training_step calling self.accelerator.backward trains as on transformers under DDP. Its prediction_step
+    gathers with gather_for_metrics, and the loop gathers again: as with accelerate, each gather drops the rows that
+    the sharded last batch repeated, so compute_metrics sees the 6 rows once (as a single process does), and
+    eval_loss is transformers' DDP value (each process evaluated its shard): compared with transformers' DDP run."""
     torchrun("hf", tmp_path / "hf", "accelerate_style")
     torchrun("hl", tmp_path / "hl", "accelerate_style")
     hf = json.load(open(tmp_path / "hf" / "history.json"))
     hl = json.load(open(tmp_path / "hl" / "history.json"))
-    train = lambda history: [e for e in history if "eval_loss" not in e]  # noqa: E731
-    assert_same_history(train(hf), train(hl))
-    model = type(tiny_llama()).from_pretrained(tmp_path / "hl" / "final")
-    args = hf_lightning.TrainingArguments(str(tmp_path / "single"), report_to="none", use_cpu=True)
-    metrics = hf_lightning.Trainer(model, args=args, eval_dataset=lm_dataset(6, seed=5)).evaluate()
-    assert metrics["eval_loss"] == pytest.approx([e for e in hl if "eval_loss" in e][-1]["eval_loss"], rel=1e-5)
+    assert_same_history(hf, hl, rel=1e-5)  # training and evaluation entries
     assert [e["eval_rows"] for e in hl if "eval_rows" in e] == [6.0, 6.0]  # not 12: gathered once, not per process
 
 

@@ -1,6 +1,6 @@
 """Launched by tests/test_distributed.py with `torchrun --nproc_per_node 2` (CPU, gloo), as transformers users do.
 
-    torchrun --nproc_per_node 2 ddp_job.py FRAMEWORK OUTPUT_DIR [neftune|layerwise|accelerate_style|lora]
+    torchrun --nproc_per_node 2 ddp_job.py FRAMEWORK OUTPUT_DIR [neftune|layerwise|accelerate_style|lora|eval37]
     python ddp_job.py hl OUTPUT_DIR lightning_launch   # Lightning's own launcher starts the second process
 """
 
@@ -11,6 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import numpy as np
 import torch
 import transformers
 
@@ -55,6 +56,35 @@ if len(sys.argv) > 3 and sys.argv[3] == "layerwise":  # transformers refuses lay
         sys.exit(0)
     sys.exit(1)
 trainer_cls = transformers.Trainer if framework == "hf" else hf_lightning.Trainer
+if len(sys.argv) > 3 and sys.argv[3] == "eval37":  # sharded evaluation/prediction of 37 samples, no training
+    from helpers import tiny_bert
+
+    def flat(arrays):  # eval_do_concat_batches=False hands over one array per gathered batch
+        return np.concatenate(arrays) if isinstance(arrays, list) else arrays
+
+    def metrics(prediction):
+        labels, inputs = flat(prediction.label_ids), flat(prediction.inputs)
+        return {"rows": float(len(labels)), "accuracy": float((flat(prediction.predictions).argmax(-1) == labels).mean()),
+                "first_tokens": inputs[:, 0].tolist()}  # the samples' order as compute_metrics sees it
+
+    dataset = classification_dataset(37, seed=7)
+    results = {}
+    for name, variant in {"concat": {}, "accumulation": {"eval_accumulation_steps": 2},
+                          "batches": {"eval_do_concat_batches": False}}.items():
+        args = (transformers.TrainingArguments if framework == "hf" else hf_lightning.TrainingArguments)(
+            os.path.join(output_dir, name), per_device_eval_batch_size=4, report_to="none", use_cpu=True,
+            ddp_backend="gloo", include_for_metrics=["inputs"], disable_tqdm=True, **variant)
+        trainer = trainer_cls(tiny_bert(), args=args, eval_dataset=dataset, compute_metrics=metrics)
+        evaluated = trainer.evaluate()
+        predicted = trainer.predict(dataset)
+        results[name] = {"eval": evaluated, "predict": predicted.metrics,
+                         "predictions": flat(predicted.predictions).tolist(), "label_ids": flat(predicted.label_ids).tolist()}
+    if trainer.is_world_process_zero():
+        with open(os.path.join(output_dir, "eval37.json"), "w") as f:
+            json.dump(results, f)
+    if framework == "hf":
+        trainer.end()
+    sys.exit(0)
 if len(sys.argv) > 3 and sys.argv[3] == "accelerate_style":  # a TRL-style subclass on trainer.accelerator
     from test_accelerator import _accelerate_style
 
