@@ -5,8 +5,9 @@
     hf-lightning predict --config run.yaml
 
 A config has four groups: `model` (TransformersTask), `data` (TextFiles), `args` (every TrainingArguments field,
-with transformers' own help texts) and `trainer` (`callbacks`: TrainerCallbacks and Lightning callbacks by
-class_path; `logger`: Lightning loggers by class_path, or name them in `args.report_to`). A YAML printed by --print_config runs unchanged.
+with transformers' own help texts) and `trainer` (lightning.Trainer's own arguments, merged with `args` by the rule
+written above ARGS_OWNED; `callbacks`: TrainerCallbacks and Lightning callbacks by class_path; `logger`: Lightning loggers
+by class_path, or name them in `args.report_to`). A YAML printed by --print_config runs unchanged.
 Bad input ends with one line on stderr and exit code 2; a traceback (exit code 1) means a bug. Bad input is:
 a parse error (an unknown key or a value of the wrong type); a `ValueError` or `TypeError` from building the
 groups (transformers' TrainingArguments checks: an unknown `optim` or `eval_strategy`, ...); what `run` checks itself

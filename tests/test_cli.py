@@ -239,3 +239,19 @@ def test_trainer_group_devices_starts_two_processes(config, tmp_path):
     state = json.load(open(checkpoint / "trainer_state.json"))
     assert state["logging_steps"] == 1 and len([e for e in state["log_history"] if "loss" in e]) == 4
     assert len([line for line in proc.stdout.splitlines() if line.startswith('{"')]) == 1  # the metrics: rank 0's
+
+
+def test_trainer_arguments_that_training_arguments_controls_are_written_into_it():
+    import dataclasses
+
+    from jsonargparse import Namespace
+
+    from hf_lightning.cli import merge_trainer_into_args
+    from hf_lightning.training_args import TrainingArguments
+
+    args = Namespace(**{f.name: f.default for f in dataclasses.fields(TrainingArguments)})
+    trainer = Namespace(max_epochs=2, precision="bf16-mixed", accumulate_grad_batches=4, devices=2)
+    merge_trainer_into_args(trainer, args)
+    assert (args.num_train_epochs, args.bf16, args.fp16, args.gradient_accumulation_steps) == (2.0, True, False, 4)
+    # moved into args; what is left goes to lightning_trainer_kwargs (Runner)
+    assert (trainer.max_epochs, trainer.precision, trainer.accumulate_grad_batches, trainer.devices) == (None, None, 1, 2)
