@@ -5,8 +5,9 @@
     hf-lightning predict --config run.yaml
 
 A config has four groups: `model` (TransformersTask), `data` (TextFiles), `args` (every TrainingArguments field,
-with transformers' own help texts) and `trainer` (`callbacks`: TrainerCallbacks and Lightning callbacks by
-class_path; `logger`: Lightning loggers by class_path, or name them in `args.report_to`). A YAML printed by --print_config runs unchanged.
+with transformers' own help texts) and `trainer` (lightning.Trainer's own arguments, merged with `args` by the rule
+written above ARGS_OWNED; `callbacks`: TrainerCallbacks and Lightning callbacks by class_path; `logger`: Lightning loggers
+by class_path, or name them in `args.report_to`). A YAML printed by --print_config runs unchanged.
 Bad input ends with one line on stderr and exit code 2; a traceback (exit code 1) means a bug. Bad input is:
 a parse error (an unknown key or a value of the wrong type); a `ValueError` or `TypeError` from building the
 groups (transformers' TrainingArguments checks: an unknown `optim` or `eval_strategy`, ...); what `run` checks itself
@@ -18,9 +19,12 @@ has begun (TrainerCallback.on_train_begin / on_prediction_step), every error is 
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import os
 import sys
+import typing
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -136,11 +140,95 @@ class TextFiles(pl.LightningDataModule):
                                max_length)
 
 
+# ---------------------------------------------------------------------- the trainer group
+# `--trainer.X` takes every argument of lightning.Trainer (its signature, as LightningCLI reads it). The rule that
+# merges them with `args`: a Lightning argument that a TrainingArguments field controls (ARGS_OWNED) is written into
+# that field (`--trainer.max_epochs 3` is `--args.num_train_epochs 3`), or refused naming the field where there is no
+# exact translation; giving both is an error naming both flags. Every other one is `args.lightning_trainer_kwargs[X]`
+# (a key given both ways is an error), so `--trainer.devices 2` starts Lightning's launcher (launch.py).
+
+
+def _precision(value) -> dict:
+    fields = {"bf16-mixed": {"bf16": True}, "bf16": {"bf16": True}, "16-mixed": {"fp16": True}, "16": {"fp16": True},
+              "32-true": {}, "32": {}}
+    if str(value) not in fields:
+        raise UsageError(f"--trainer.precision {value} has no TrainingArguments equivalent; use --args.bf16 or "
+                         "--args.fp16 (mixed precision), or leave both off (32-bit).")
+    return fields[str(value)]
+
+
+def _deterministic(value) -> dict:
+    if value is not True:
+        raise UsageError(f"--trainer.deterministic {value}: use --args.full_determinism true (transformers' switch).")
+    return {"full_determinism": True}
+
+
+# Lightning argument -> (the TrainingArguments fields that control it, their values for the Lightning value; None:
+# no exact translation, refused naming the first field).
+ARGS_OWNED: dict[str, tuple[tuple[str, ...], Any]] = {
+    "max_epochs": (("num_train_epochs",), lambda v: {"num_train_epochs": float(v)}),
+    "max_steps": (("max_steps",), lambda v: {"max_steps": int(v)}),
+    "accumulate_grad_batches": (("gradient_accumulation_steps",), lambda v: {"gradient_accumulation_steps": int(v)}),
+    "gradient_clip_val": (("max_grad_norm",), lambda v: {"max_grad_norm": float(v)}),
+    "log_every_n_steps": (("logging_steps",), lambda v: {"logging_steps": int(v)}),
+    "default_root_dir": (("output_dir",), lambda v: {"output_dir": str(v)}),
+    "enable_progress_bar": (("disable_tqdm",), lambda v: {"disable_tqdm": not v}),
+    "precision": (("bf16", "fp16"), _precision),
+    "deterministic": (("full_determinism",), _deterministic),
+    "gradient_clip_algorithm": (("max_grad_norm",), None),
+    "val_check_interval": (("eval_steps", "eval_strategy"), None),
+    "check_val_every_n_epoch": (("eval_strategy",), None),
+    "num_sanity_val_steps": (("eval_on_start",), None),
+    "enable_checkpointing": (("save_strategy",), None),
+    "min_epochs": (("num_train_epochs",), None),
+    "min_steps": (("max_steps",), None),
+    "use_distributed_sampler": (("accelerator_config",), None),  # hf_lightning shards the data as transformers does
+}
+# The Runner's own parameters in the trainer group (not passed to lightning.Trainer as they are).
+_RUNNER_OWN = ("args", "callbacks", "logger")
+
+
+def lightning_parameters() -> dict[str, inspect.Parameter]:
+    """lightning.Trainer's arguments, annotations resolved (jsonargparse reads them where Runner is defined)."""
+    hints = typing.get_type_hints(pl.Trainer.__init__)
+    params = list(inspect.signature(pl.Trainer.__init__).parameters.values())[1:]
+    return {p.name: p.replace(annotation=hints.get(p.name, p.annotation)) for p in params if p.name not in _RUNNER_OWN}
+
+
+def _is_set(value, default) -> bool:
+    return not (value is default or (type(value) is type(default) and value == default))
+
+
+def merge_trainer_into_args(trainer, args) -> None:
+    """Apply the rule above to a parsed config (jsonargparse Namespaces, before instantiation) for ARGS_OWNED; the
+    Lightning values left in `trainer` go into lightning_trainer_kwargs once instantiated (Runner)."""
+    if args is None:
+        return
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainingArguments)}
+    changes: dict[str, Any] = {}
+    for name, param in lightning_parameters().items():
+        value = trainer.get(name, param.default)
+        if name not in ARGS_OWNED or not _is_set(value, param.default):
+            continue
+        fields, translate = ARGS_OWNED[name]
+        given = [f for f in fields if _is_set(args.get(f), defaults[f])]
+        if given:
+            raise UsageError(f"--trainer.{name} and --args.{given[0]} both set what TrainingArguments controls; "
+                             f"give only --args.{given[0]}.")
+        if translate is None:
+            raise UsageError(f"--trainer.{name}: hf_lightning runs TrainingArguments' loop; use --args.{fields[0]}.")
+        changes.update(translate(value))
+        trainer[name] = param.default
+    for field_name, value in changes.items():
+        args[field_name] = value
+
+
 class Runner(pl.Trainer):
     """What `hf-lightning fit|validate|predict` runs: an hf_lightning.Trainer built from the config.
 
-    It stands where LightningCLI expects a lightning.Trainer (its `trainer:` group holds the callbacks and loggers);
-    the hf_lightning.Trainer it builds creates the real lightning.Trainer from `args`.
+    It stands where LightningCLI expects a lightning.Trainer: its `trainer:` group holds lightning.Trainer's own
+    arguments (merged with `args` as the rule above says); the hf_lightning.Trainer it builds creates the real
+    lightning.Trainer from `args`.
     """
 
     def __init__(
@@ -148,11 +236,21 @@ class Runner(pl.Trainer):
         args: Optional[TrainingArguments] = None,
         callbacks: Optional[list[Union[Callback, TrainerCallback]]] = None,
         logger: Optional[list[Logger]] = None,
+        **lightning: Any,
     ):
         # Deliberately no lightning.Trainer.__init__: nothing runs on this object but the three methods below.
         self.args = args
         self.extra_callbacks = list(callbacks or [])
         self.loggers_given = list(logger or [])
+        params = lightning_parameters()
+        given = {name: value for name, value in lightning.items() if _is_set(value, params[name].default)}
+        if given and args is not None:
+            own = dict(args.lightning_trainer_kwargs or {})
+            both = sorted(set(own) & set(given))
+            if both:
+                raise UsageError(f"--trainer.{both[0]} and --args.lightning_trainer_kwargs {both[0]} are both given; "
+                                 "give one.")
+            args.lightning_trainer_kwargs = {**own, **given}
 
     def fit(self, model: TransformersTask, datamodule: TextFiles, ckpt_path: Optional[str] = None) -> None:
         """Train (and evaluate on the validation data)."""
@@ -176,6 +274,18 @@ class Runner(pl.Trainer):
         return self.args
 
 
+def _runner_signature() -> inspect.Signature:
+    own = list(inspect.signature(Runner.__init__).parameters.values())[:4]
+    lightning = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in lightning_parameters().values()]
+    return inspect.Signature(own + lightning)
+
+
+# jsonargparse (as LightningCLI) builds the trainer group from this signature and takes help texts from the docstring.
+Runner.__init__.__signature__ = _runner_signature()
+Runner.__init__.__doc__ = (pl.Trainer.__init__.__doc__ or "").replace(
+    "Args:\n", "Args:\n            args: TrainingArguments (the `args:` group, linked here).\n\n", 1)
+
+
 class HFLightningCLI(LightningCLI):
     """LightningCLI with transformers' TrainingArguments as the top-level `args:` group."""
 
@@ -186,6 +296,10 @@ class HFLightningCLI(LightningCLI):
             "validate": {"model", "dataloaders", "datamodule"},
             "predict": {"model", "dataloaders", "datamodule"},
         }
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        merge_trainer_into_args(config.trainer, config.get("args"))
 
     def instantiate_classes(self) -> None:
         try:
@@ -279,12 +393,14 @@ def _run(subcommand: str, model_cfg: ModelConfig, data_cfg: DataConfig, args, ca
         output = trainer.predict(tokenized["test"])
         metrics = output.metrics
         path = os.path.join(args.output_dir, "predictions.jsonl")
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(path, "w") as f:
-            for row in output.predictions.argmax(-1).tolist() if labels else output.predictions.tolist():
-                f.write(json.dumps({"prediction": labels[row] if labels else row}) + "\n")
+        if trainer.is_world_process_zero():  # one writer when --trainer.devices starts several processes
+            os.makedirs(args.output_dir, exist_ok=True)
+            with open(path, "w") as f:
+                for row in output.predictions.argmax(-1).tolist() if labels else output.predictions.tolist():
+                    f.write(json.dumps({"prediction": labels[row] if labels else row}) + "\n")
         metrics["predictions_file"] = path
-    print(json.dumps(metrics, default=str))
+    if trainer.is_world_process_zero():
+        print(json.dumps(metrics, default=str))
 
 
 

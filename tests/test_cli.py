@@ -115,6 +115,11 @@ def test_print_config_runs_again_unchanged(config, tmp_path):
     (["--data.train_file", "/nope/train.csv"], "/nope/train.csv"),
     (["--data.text_column", "sentence"], "column 'sentence'"),
     (["--model.config", "null", "--model.name_or_path", "/tmp"], "model folder /tmp"),
+    # the trainer group: a Lightning argument that TrainingArguments controls, given both ways, or untranslatable
+    (["--trainer.max_epochs", "2", "--args.num_train_epochs", "5"], "--trainer.max_epochs and --args.num_train_epochs"),
+    (["--trainer.num_sanity_val_steps", "2"], "use --args.eval_on_start"),
+    (["--trainer.devices", "2", "--args.lightning_trainer_kwargs", '{"devices": 1}'],
+     "--trainer.devices and --args.lightning_trainer_kwargs devices"),
 ])
 def test_bad_input_is_one_line_and_exit_2(config, argv, fragment):
     proc = cli("fit", "--config", config, *argv, check=False)
@@ -222,3 +227,31 @@ def test_a_bug_keeps_its_traceback_and_exit_1(config):
     proc = cli("fit", "--config", config, "--trainer.callbacks", callback, check=False)
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "a bug, not bad input" in proc.stderr, \
         proc.stderr[-2000:]
+
+
+def test_trainer_group_devices_starts_two_processes(config, tmp_path):
+    """`--trainer.devices 2` is lightning_trainer_kwargs devices=2: Lightning's launcher re-runs the command for rank 1
+    (both ranks write their RNG file); `--trainer.log_every_n_steps` is written into args.logging_steps."""
+    proc = cli("fit", "--config", config, "--trainer.devices", "2", "--trainer.log_every_n_steps", "1",
+               "--args.save_strategy", "steps", "--args.save_steps", "4")
+    checkpoint = tmp_path / "out" / "checkpoint-4"
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(os.listdir(checkpoint))
+    state = json.load(open(checkpoint / "trainer_state.json"))
+    assert state["logging_steps"] == 1 and len([e for e in state["log_history"] if "loss" in e]) == 4
+    assert len([line for line in proc.stdout.splitlines() if line.startswith('{"')]) == 1  # the metrics: rank 0's
+
+
+def test_trainer_arguments_that_training_arguments_controls_are_written_into_it():
+    import dataclasses
+
+    from jsonargparse import Namespace
+
+    from hf_lightning.cli import merge_trainer_into_args
+    from hf_lightning.training_args import TrainingArguments
+
+    args = Namespace(**{f.name: f.default for f in dataclasses.fields(TrainingArguments)})
+    trainer = Namespace(max_epochs=2, precision="bf16-mixed", accumulate_grad_batches=4, devices=2)
+    merge_trainer_into_args(trainer, args)
+    assert (args.num_train_epochs, args.bf16, args.fp16, args.gradient_accumulation_steps) == (2.0, True, False, 4)
+    # moved into args; what is left goes to lightning_trainer_kwargs (Runner)
+    assert (trainer.max_epochs, trainer.precision, trainer.accumulate_grad_batches, trainer.devices) == (None, None, 1, 2)
