@@ -390,6 +390,12 @@ def loop_arguments(args, plan) -> dict[str, Any]:
 def _check_lightning_kwargs(extra: dict) -> None:
     """Refuse what would hang or silently differ, naming what to do instead."""
     launch.check_strategy(extra)
+    # train() sets these from the TrainingArguments (loop_arguments): a value here would be overwritten silently.
+    owned = {"max_steps": "max_steps", "max_epochs": "num_train_epochs", "val_check_interval": "eval_strategy/eval_steps",
+             "check_val_every_n_epoch": "eval_strategy/eval_steps", "num_sanity_val_steps": "eval_on_start"}
+    for key in sorted(owned.keys() & extra.keys()):
+        raise ValueError(f"lightning_trainer_kwargs[{key!r}] is set by hf_lightning from TrainingArguments; set "
+                         f"TrainingArguments.{owned[key]} instead.")
     strategy = extra.get("strategy")
     name = strategy if isinstance(strategy, str) else type(strategy).__name__ if strategy is not None else ""
     if any(word in name.lower() for word in ("fsdp", "deepspeed")):

@@ -143,6 +143,15 @@ def test_spawning_and_sharded_strategies_are_refused(tmp_path):
             translate_arguments(args)
 
 
+def test_loop_limits_in_lightning_kwargs_are_refused_naming_the_field(tmp_path):
+    """train() sets the loop limits from TrainingArguments: a value in lightning_trainer_kwargs would be dropped."""
+    for key, field in (("max_epochs", "num_train_epochs"), ("max_steps", "max_steps"),
+                       ("val_check_interval", "eval_strategy"), ("num_sanity_val_steps", "eval_on_start")):
+        args = hf_lightning.TrainingArguments(str(tmp_path), lightning_trainer_kwargs={key: 1})
+        with pytest.raises(ValueError, match=rf"lightning_trainer_kwargs\['{key}'\].*TrainingArguments.{field}"):
+            translate_arguments(args)
+
+
 def test_lightning_launcher_topology_before_the_processes_start(tmp_path):
     """devices=2 without a launcher: this process is rank 0 of 2 for transformers' properties before fit() starts
     the other (data sharding and the training plan are computed before)."""
