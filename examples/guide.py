@@ -281,8 +281,29 @@ def schedule_free():
     return trainer
 
 
+def liger():
+    """The guide's Liger block on a Llama (a supported architecture). Liger's kernels are Triton GPU kernels: on a
+    machine without CUDA, Trainer(...) says so in one line."""
+    args = TrainingArguments(
+        output_dir=os.path.join(OUT, "your-model-liger"),
+        learning_rate=2e-5,
+        per_device_train_batch_size=16,
+        per_device_eval_batch_size=16,
+        num_train_epochs=2,
+        weight_decay=0.01,
+        eval_strategy="no",  # the guide evaluates each epoch; this offline stand-in has no LM eval split
+        save_strategy="epoch",
+        push_to_hub="HF_ENDPOINT" in os.environ,
+        use_liger_kernel=True,
+        report_to="none",
+    )
+    trainer = lm_trainer(args)
+    trainer.train()
+    return trainer
+
+
 BLOCKS = {f.__name__: f for f in (quickstart, resume, custom_loss, early_stopping_callback, log_levels, neftune,
-                                   galore, galore_optim_args, galore_layerwise, lomo, grokadamw, schedule_free)}
+                                   galore, galore_optim_args, galore_layerwise, lomo, grokadamw, schedule_free, liger)}
 
 if __name__ == "__main__":
     for name in sys.argv[1:] or BLOCKS:

@@ -41,6 +41,18 @@ def test_guide_block_runs(guide, block):
         assert any("eval_accuracy" in entry for entry in trainer.state.log_history)
 
 
+def test_guide_liger_block(guide):
+    """On a GPU machine with liger-kernel the block trains; without CUDA it is one clear error at Trainer(...)."""
+    import torch
+
+    if torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None:
+        assert guide.BLOCKS["liger"]().state.global_step > 0
+        return
+    with pytest.raises((ValueError, ImportError), match="use_liger_kernel") as error:
+        guide.BLOCKS["liger"]()
+    assert "\n" not in str(error.value)
+
+
 def run_script(script, out, log_level):
     return subprocess.run(
         [sys.executable, os.path.join(ROOT, "examples", script), "--output_dir", str(out), "--log_level", log_level,
