@@ -40,7 +40,7 @@ from transformers.trainer_utils import (
     sort_checkpoints,
 )
 
-from . import compat
+from . import compat, sharding
 from .optimizers import OptimizerQuirks, optimizer_state_globals
 from .run import RunState, TrainerHooks, TrainingPlan
 
@@ -111,6 +111,8 @@ def missing_training_state(folder: str, args) -> list[str]:
     some of them is damaged."""
     rng_names = [n for n in os.listdir(folder) if re.fullmatch(r"rng_state(_\d+)?\.pth", n)]
     missing = [n for n in (OPTIMIZER_NAME, SCHEDULER_NAME) if not os.path.isfile(os.path.join(folder, n))]
+    if OPTIMIZER_NAME in missing and os.path.isdir(os.path.join(folder, sharding.OPTIMIZER_DIR)):
+        missing.remove(OPTIMIZER_NAME)  # written from sharded state (FSDP2), as a DCP folder
     if not rng_names:
         missing.append(_rng_file(args))
     model_only = len(missing) == 3 and not os.path.isfile(os.path.join(folder, LIGHTNING_CKPT_NAME))
@@ -135,7 +137,9 @@ def save_model_folder(hooks: TrainerHooks, output_dir: str, final_dir: str | Non
     announced as transformers does, naming `final_dir` (the folder `output_dir` becomes) when given.
 
     A schedule-free optimizer is switched to eval() mode first, so that the saved weights are the averaged ones a
-    user deploys (transformers 5.24 saves the training iterate); the next training step switches it back."""
+    user deploys (transformers 5.24 saves the training iterate); the next training step switches it back.
+    A sharded (FSDP2) model is gathered first: every rank must call this, rank 0 writes the consolidated weights."""
+    gathered = sharding.full_state_dict(hooks.model) if sharding.is_sharded(hooks.model) else None
     if not hooks.args.should_save:
         return
     OptimizerQuirks(hooks.optimizer).eval()
@@ -144,10 +148,11 @@ def save_model_folder(hooks: TrainerHooks, output_dir: str, final_dir: str | Non
     model = hooks.model
     with _paths_logged_as(output_dir, final_dir):
         if hasattr(model, "save_pretrained"):
-            model.save_pretrained(output_dir)
+            model.save_pretrained(output_dir, **({"state_dict": gathered} if gathered is not None else {}))
         else:
+            weights = gathered if gathered is not None else model.state_dict()
             safetensors.torch.save_file(
-                {k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(output_dir, "model.safetensors")
+                {k: v.contiguous() for k, v in weights.items()}, os.path.join(output_dir, "model.safetensors")
             )
         if hooks.processing_class is not None and hasattr(hooks.processing_class, "save_pretrained"):
             hooks.processing_class.save_pretrained(output_dir)
@@ -221,9 +226,12 @@ def save_checkpoint(hooks: TrainerHooks, run: RunState, lightning_trainer) -> st
         if state.best_global_step == state.global_step or os.path.isdir(best_dir):
             state.best_model_checkpoint = best_dir
     if not args.save_only_model:
+        if sharding.is_sharded(hooks.model):  # every rank writes its shard of the optimizer state
+            sharding.save_optimizer(hooks.model, hooks.optimizer, os.path.join(tmp_dir, sharding.OPTIMIZER_DIR))
         if args.should_save:
             os.makedirs(tmp_dir, exist_ok=True)
-            torch.save(hooks.optimizer.state_dict(), os.path.join(tmp_dir, OPTIMIZER_NAME))
+            if not sharding.is_sharded(hooks.model):
+                torch.save(hooks.optimizer.state_dict(), os.path.join(tmp_dir, OPTIMIZER_NAME))
             torch.save(hooks.lr_scheduler.state_dict(), os.path.join(tmp_dir, SCHEDULER_NAME))
             scaler = getattr(lightning_trainer.precision_plugin, "scaler", None)
             if scaler is not None:
@@ -404,7 +412,10 @@ def _load_weights(model, folder: str) -> None:
         except Exception as err:  # noqa: BLE001 - safetensors names no file ("incomplete metadata")
             raise ValueError(f"Cannot read the model weights from {single!r} ({type(err).__name__}: {err}). The file "
                              "is corrupt or truncated.") from err
-        _load_state_dict_checked(model, state_dict, single)
+        if sharding.is_sharded(model):  # consolidated weights into this run's shards
+            _load_state_dict_checked(model, state_dict, single, load=sharding.load_full_state_dict)
+        else:
+            _load_state_dict_checked(model, state_dict, single)
     elif os.path.isfile(os.path.join(folder, "model.safetensors.index.json")):
         try:
             load_sharded_checkpoint(model, folder, strict=True)
@@ -414,7 +425,7 @@ def _load_weights(model, folder: str) -> None:
         raise ValueError(f"Checkpoint {folder!r} holds no model.safetensors: it cannot be resumed.")
 
 
-def _load_state_dict_checked(model, state_dict: dict, source: str) -> None:
+def _load_state_dict_checked(model, state_dict: dict, source: str, load=None) -> None:
     """The model's own `load_state_dict(state_dict, strict=False)`, as transformers resumes (an override may resize
     buffers or rename keys first), then refusing what does not fit where transformers would only warn: keys missing
     (other than the tied weights save_pretrained drops) or unexpected, or tensors of another shape."""
@@ -426,7 +437,7 @@ def _load_state_dict_checked(model, state_dict: dict, source: str) -> None:
         )
 
     try:
-        result = model.load_state_dict(state_dict, strict=False)
+        result = model.load_state_dict(state_dict, strict=False) if load is None else load(model, state_dict)
     except RuntimeError as err:  # torch names each size mismatch
         raise refuse(str(err)) from err
     if result is None:  # an override that returns nothing: compare the names after its load
@@ -511,6 +522,9 @@ def restore_training_state(hooks: TrainerHooks, run: RunState, lightning_trainer
     state.num_train_epochs = plan.num_train_epochs
     # logging/eval/save steps stay the checkpoint's, as in transformers (which warns when the args differ, above)
     state.train_batch_size = run.state.train_batch_size
+    # init_training_references: which process this is (the checkpoint's file says rank 0's, on every rank)
+    state.is_local_process_zero = run.state.is_local_process_zero
+    state.is_world_process_zero = run.state.is_world_process_zero
     if state.best_model_checkpoint is not None and not os.path.isdir(state.best_model_checkpoint):
         hf_logger.warning(
             f"The best checkpoint {state.best_model_checkpoint} recorded in the resumed state does not "
@@ -538,6 +552,13 @@ def _restore_from_folder(hooks: TrainerHooks, args, lightning_trainer, folder: s
         state = TrainerState.load_from_json(state_file)
     except (OSError, json.JSONDecodeError, TypeError) as err:
         raise ValueError(f"Cannot read {state_file!r}: {err}") from err
+    sharded_optimizer = os.path.join(folder, sharding.OPTIMIZER_DIR)
+    if os.path.isdir(sharded_optimizer):  # written from FSDP2 shards: DCP reshards it to this run's processes
+        sharding.load_optimizer(hooks.model, hooks.optimizer, sharded_optimizer)
+    elif sharding.is_sharded(hooks.model) and os.path.isfile(os.path.join(folder, OPTIMIZER_NAME)):
+        raise ValueError(
+            f"{folder} holds optimizer.pt, written by an unsharded run; this run shards the model (fsdp). Resume it "
+            "without fsdp, or start the fsdp run from its weights (model.safetensors) with a fresh optimizer.")
     for name, target in ((OPTIMIZER_NAME, hooks.optimizer), (SCHEDULER_NAME, hooks.lr_scheduler)):
         file = os.path.join(folder, name)
         if os.path.isfile(file):

@@ -20,7 +20,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import ParallelStrategy
 
-from . import compat
+from . import compat, sharding
 from .evaluation import EvaluationOutput, EvaluationRun, announce_evaluation, memory_stage
 from .optimizers import OptimizerQuirks, steps_on_metric
 from .run import RunState, TrainerHooks
@@ -78,6 +78,10 @@ class TransformersModule(pl.LightningModule):
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         weights = {key[len(prefix):]: value for key, value in state_dict.items()}
         return self.model.load_state_dict(weights, strict=strict, assign=assign)
+
+    def configure_model(self):
+        """Under a ModelParallelStrategy (fsdp=, or one in lightning_trainer_kwargs): FSDP2's fully_shard, once."""
+        sharding.configure_model(self)
 
     # ------------------------------------------------------------------ optimizers
 
@@ -162,8 +166,8 @@ class TransformersModule(pl.LightningModule):
         wrapped = self.trainer.model
         if hasattr(wrapped, "clip_grad_norm_"):  # FSDP shards the gradients: it owns the norm
             grad_norm = wrapped.clip_grad_norm_(max_norm)
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        else:  # FSDP2's DTensor gradients included: the total norm is reduced across ranks
+            grad_norm = sharding.finite_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
         if self.flow is not None:
             self.flow.grad_norm = grad_norm
         self.run_state.on_pre_optimizer_step()

@@ -19,6 +19,7 @@ from typing import Any
 
 import transformers
 
+from . import sharding
 from .features import feature_callbacks
 
 HONOURED = "honoured"
@@ -137,8 +138,9 @@ FIELD_POLICY: dict[str, tuple[str, str]] = {
     "ddp_static_graph": (LIGHTNING, "DDPStrategy(static_graph=...)"),
     "ddp_backend": (LIGHTNING, "DDPStrategy(process_group_backend=...)"),
     "ddp_timeout": (LIGHTNING, "DDPStrategy(timeout=...)"),
-    "fsdp": (UNSUPPORTED, "sharded strategies are not supported yet (checkpoints need a sharded-state save)"),
-    "fsdp_config": (UNSUPPORTED, "sharded strategies are not supported yet"),
+    "fsdp": (LIGHTNING, "sharding.fsdp_strategy: FSDP2 (fully_shard) on ModelParallelStrategy; FSDP1 refused"),
+    "fsdp_config": (LIGHTNING, "sharding.py: version 2, wrap classes, reshard_after_forward, cpu_offload, "
+                    "activation_checkpointing, cpu_ram_efficient_loading; state_dict_type FULL_STATE_DICT"),
     "deepspeed": (UNSUPPORTED, "sharded strategies are not supported yet"),
     "debug": (LIGHTNING, "features.UnderflowOverflow callback ('underflow_overflow'); 'tpu_metrics_debug' refused"),
     "skip_memory_metrics": (HONOURED, "transformers' TrainerMemoryTracker (run.MemoryMetrics): *_mem_* metrics"),
@@ -222,6 +224,7 @@ def check_supported(args: transformers.TrainingArguments) -> None:
             "'underflow_overflow' is."
         )
     check_accelerator_config(args)
+    sharding.check_arguments(args)
 
 
 # accelerate's GradientAccumulationPlugin options: transformers steps the scheduler and sets sync_gradients itself,
@@ -286,7 +289,9 @@ def _precision(args: transformers.TrainingArguments) -> str:
 
 
 def _strategy(args: transformers.TrainingArguments) -> Any:
-    """DDP options only matter when more than one process trains; 'auto' otherwise."""
+    """DDP options only matter when more than one process trains; 'auto' otherwise. fsdp: FSDP2 (sharding.py)."""
+    if sharding.fsdp_settings(args) is not None:
+        return sharding.fsdp_strategy(args, int(os.environ.get("WORLD_SIZE", "1")))
     ddp_options = {
         "find_unused_parameters": args.ddp_find_unused_parameters,
         "bucket_cap_mb": args.ddp_bucket_cap_mb,
