@@ -156,7 +156,21 @@ def save_model_folder(hooks: TrainerHooks, output_dir: str, final_dir: str | Non
             )
         if hooks.processing_class is not None and hasattr(hooks.processing_class, "save_pretrained"):
             hooks.processing_class.save_pretrained(output_dir)
-    torch.save(hooks.args, os.path.join(output_dir, TRAINING_ARGS_NAME))  # for transformers' tools; never loaded here
+    torch.save(_args_to_save(hooks.args), os.path.join(output_dir, TRAINING_ARGS_NAME))  # never loaded here
+
+
+def _args_to_save(args):
+    """The args as transformers pickles them; objects in lightning_trainer_kwargs (a strategy holds the model once it
+    ran, and an FSDP2-sharded class cannot be pickled) are recorded by their repr."""
+    extra = getattr(args, "lightning_trainer_kwargs", None)
+    plain = (str, int, float, bool, type(None))
+    if not extra or all(isinstance(value, plain) for value in extra.values()):
+        return args
+    import copy
+
+    saved = copy.copy(args)
+    saved.lightning_trainer_kwargs = {k: v if isinstance(v, plain) else repr(v) for k, v in extra.items()}
+    return saved
 
 
 class _RenamePath(logging.Filter):

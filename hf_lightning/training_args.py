@@ -206,6 +206,7 @@ def _is_default(name: str, value: Any) -> bool:
 
 def check_supported(args: transformers.TrainingArguments) -> None:
     """Raise a ValueError naming the first field set to a value hf_lightning does not support yet."""
+    sharding.check_arguments(args)  # first: fsdp with deepspeed names both fields
     for name, (policy, why) in FIELD_POLICY.items():
         if not hasattr(args, name):
             continue
@@ -224,7 +225,6 @@ def check_supported(args: transformers.TrainingArguments) -> None:
             "'underflow_overflow' is."
         )
     check_accelerator_config(args)
-    sharding.check_arguments(args)
 
 
 # accelerate's GradientAccumulationPlugin options: transformers steps the scheduler and sets sync_gradients itself,

@@ -27,7 +27,6 @@ def test_every_transformers_field_is_classified():
 UNSUPPORTED_EXAMPLES = {
     "use_liger_kernel": True,
     "push_to_hub": True,
-    "fsdp": "full_shard",
 }
 
 

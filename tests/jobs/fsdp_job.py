@@ -3,7 +3,8 @@
     torchrun --nproc_per_node N fsdp_job.py MODE OUTPUT_DIR [--kill-at S] [--resume]
 
 MODE: fsdp (TrainingArguments(fsdp=True)), ddp (the same run without it), mp (a ModelParallelStrategy passed in
-lightning_trainer_kwargs). --kill-at S: rank 0 SIGKILLs itself at the end of step S, before that step's save
+lightning_trainer_kwargs), options (the legacy string "full_shard offload" and the other fsdp_config switches, rank 1
+starting from other weights that cpu_ram_efficient_loading replaces by rank 0's). --kill-at S: rank 0 SIGKILLs itself at the end of step S, before that step's save
 (torchrun then ends rank 1).
 Writes history.json, final/ (save_model, called on every rank as with transformers under FSDP) and
 numel_<rank>.json (this rank's local parameter and optimizer-state element counts).
@@ -24,11 +25,12 @@ import hf_lightning
 from helpers import lm_dataset, tiny_llama
 
 parser = argparse.ArgumentParser()
-parser.add_argument("mode", choices=["fsdp", "ddp", "mp"])
+parser.add_argument("mode", choices=["fsdp", "ddp", "mp", "options"])
 parser.add_argument("output_dir")
 parser.add_argument("--kill-at", type=int)
 parser.add_argument("--resume", action="store_true")
 parser.add_argument("--max-steps", type=int, default=8)
+parser.add_argument("--dump-at-begin", action="store_true", help="write the resumed weights and optimizer state")
 cli = parser.parse_args()
 rank = int(os.environ["RANK"])
 
@@ -53,7 +55,30 @@ class LocalNumel(transformers.TrainerCallback):
                        "full_params": sum(p.numel() for p in model.parameters())}, f)
 
 
+class DumpAtBegin(transformers.TrainerCallback):
+    """The full weights and optimizer state this run starts from (after a resume), as rank 0 sees them."""
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions, get_model_state_dict, get_optimizer_state_dict)
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(model, options=options)
+        optim = get_optimizer_state_dict(model, optimizer, options=options)
+        if rank == 0:
+            torch.save({"weights": weights, "optimizer": optim["state"]}, os.path.join(args.output_dir, "begin.pt"))
+
+
 extra = {}
+model = tiny_llama()
+if cli.mode == "options":
+    extra["fsdp"] = "full_shard offload"
+    extra["fsdp_config"] = {"reshard_after_forward": False, "activation_checkpointing": True,
+                            "cpu_ram_efficient_loading": True, "transformer_layer_cls_to_wrap": "LlamaDecoderLayer"}
+    if rank == 1:
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(1.0)
 if cli.mode == "fsdp":
     extra["fsdp"] = True
 elif cli.mode == "mp":
@@ -68,11 +93,14 @@ args = hf_lightning.TrainingArguments(
     ddp_backend="gloo", max_grad_norm=0.5, **extra,
 )
 os.makedirs(cli.output_dir, exist_ok=True)
-callbacks = [LocalNumel()] + ([KillAt()] if cli.kill_at else [])
-trainer = hf_lightning.Trainer(tiny_llama(), args=args, train_dataset=lm_dataset(40), callbacks=callbacks)
+callbacks = [LocalNumel()] + ([KillAt()] if cli.kill_at else []) + ([DumpAtBegin()] if cli.dump_at_begin else [])
+trainer = hf_lightning.Trainer(model, args=args, train_dataset=lm_dataset(40), callbacks=callbacks)
 trainer.train(resume_from_checkpoint=True if cli.resume else None)
 trainer.save_model(os.path.join(cli.output_dir, "final"))
 if trainer.is_world_process_zero():
     with open(os.path.join(cli.output_dir, "history.json"), "w") as f:
         json.dump(trainer.state.log_history, f)
     print("STRATEGY", type(trainer.lightning_trainer.strategy).__name__, flush=True)
+    offloaded = [type(getattr(m, "_get_fsdp_state")()._fsdp_param_group.offload_policy).__name__
+                 for m in model.modules() if hasattr(m, "_get_fsdp_state")]
+    print("OPTIONS", model.is_gradient_checkpointing, sorted(set(offloaded)), len(offloaded), flush=True)
