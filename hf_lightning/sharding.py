@@ -102,6 +102,11 @@ def check_arguments(args) -> None:
             "hf_lightning: checkpoints hold the consolidated model.safetensors and the optimizer as a sharded "
             "(DCP) folder. Use 'FULL_STATE_DICT'."
         )
+    if settings.get("cpu_offload") and (args.use_cpu or not torch.cuda.is_available()):
+        raise ValueError(  # FSDP2's CPUOffloadPolicy pins host memory for a device it copies to: there is none
+            "TrainingArguments.fsdp_config['cpu_offload'] (fsdp='offload') moves parameters off the GPU, but this run "
+            "trains on the CPU where they already are: remove 'offload' / cpu_offload."
+        )
     if settings.get("activation_checkpointing") and args.activation_checkpointing:
         raise ValueError(  # transformers' own check, raised at its Trainer's construction
             "TrainingArguments.fsdp_config['activation_checkpointing'] and TrainingArguments.activation_checkpointing "

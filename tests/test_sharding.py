@@ -94,6 +94,15 @@ def test_killed_and_resumed_equals_the_uninterrupted_run(runs, tmp_path):
     assert sum(line.startswith("{'loss'") for line in out.splitlines()) == 4  # printed by rank 0 only
 
 
+def test_fsdp_config_switches(runs, tmp_path):
+    # "full_shard auto_wrap", reshard_after_forward=False, activation_checkpointing, cpu_ram_efficient_loading (rank 1
+    # starts from other weights: rank 0's replace them) and a named layer class: the same training as plain fsdp=True.
+    out = torchrun(2, "options", tmp_path)
+    assert "OPTIONS True ['FSDPLlamaForCausalLM', 'FSDPLlamaDecoderLayer']" in out
+    a, b = weights(runs / "fsdp" / "final"), weights(tmp_path / "final")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
 def test_resume_on_one_process_reshards_the_optimizer(runs, tmp_path):
     shutil.copytree(runs / "fsdp" / "checkpoint-4", tmp_path / "checkpoint-4")
     torchrun(1, "fsdp", tmp_path, "--resume", "--dump-at-begin")
@@ -136,6 +145,7 @@ def _trainer(tmp_path, **fields):
     ({"fsdp_config": {"version": 1}}, r"fsdp_config=\{'version': 1\} asks for FSDP1"),
     ({"fsdp_config": {"state_dict_type": "SHARDED_STATE_DICT"}}, "state_dict_type"),
     ({"fsdp_config": {"auto_wrap_policy": "SIZE_BASED_WRAP"}}, "auto_wrap_policy"),
+    ({"fsdp_config": {"cpu_offload": True}}, r"fsdp_config\['cpu_offload'\].*trains on the CPU"),
     ({"fsdp_config": {"activation_checkpointing": True}, "activation_checkpointing": True},
      r"fsdp_config\['activation_checkpointing'\] and TrainingArguments.activation_checkpointing"),
 ])

@@ -3,7 +3,7 @@
     torchrun --nproc_per_node N fsdp_job.py MODE OUTPUT_DIR [--kill-at S] [--resume]
 
 MODE: fsdp (TrainingArguments(fsdp=True)), ddp (the same run without it), mp (a ModelParallelStrategy passed in
-lightning_trainer_kwargs), options (the legacy string "full_shard offload" and the other fsdp_config switches, rank 1
+lightning_trainer_kwargs), options (the legacy string "full_shard auto_wrap" and the other fsdp_config switches, rank 1
 starting from other weights that cpu_ram_efficient_loading replaces by rank 0's). --kill-at S: rank 0 SIGKILLs itself at the end of step S, before that step's save
 (torchrun then ends rank 1).
 Writes history.json, final/ (save_model, called on every rank as with transformers under FSDP) and
@@ -72,7 +72,7 @@ class DumpAtBegin(transformers.TrainerCallback):
 extra = {}
 model = tiny_llama()
 if cli.mode == "options":
-    extra["fsdp"] = "full_shard offload"
+    extra["fsdp"] = "full_shard auto_wrap"
     extra["fsdp_config"] = {"reshard_after_forward": False, "activation_checkpointing": True,
                             "cpu_ram_efficient_loading": True, "transformer_layer_cls_to_wrap": "LlamaDecoderLayer"}
     if rank == 1:
@@ -101,6 +101,7 @@ if trainer.is_world_process_zero():
     with open(os.path.join(cli.output_dir, "history.json"), "w") as f:
         json.dump(trainer.state.log_history, f)
     print("STRATEGY", type(trainer.lightning_trainer.strategy).__name__, flush=True)
-    offloaded = [type(getattr(m, "_get_fsdp_state")()._fsdp_param_group.offload_policy).__name__
-                 for m in model.modules() if hasattr(m, "_get_fsdp_state")]
-    print("OPTIONS", model.is_gradient_checkpointing, sorted(set(offloaded)), len(offloaded), flush=True)
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = [type(m).__name__ for m in model.modules() if isinstance(m, FSDPModule)]
+    print("OPTIONS", model.is_activation_checkpointing, sharded, flush=True)
