@@ -1,6 +1,6 @@
 """What each process holds under FSDP2 (`fsdp=True`) vs DDP: 2 CPU processes (torchrun, gloo), hf_lightning.Trainer.
 
-A Llama from config (4 layers, hidden 256: 6.4M parameters) trains 2 steps with AdamW under each strategy. Reported per
+A Llama from config (4 layers, hidden 256: 7.3M parameters) trains 2 steps with AdamW under each strategy. Reported per
 rank: the elements of its local parameters (the shards under FSDP2) and of its optimizer state (exp_avg, exp_avg_sq),
 summed over tensors after the first step. DDP replicates both on every rank; FSDP2 should hold about half of each.
 
