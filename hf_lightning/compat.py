@@ -96,6 +96,12 @@ def tied_weight_keys(model) -> set[str]:
     return set(getattr(model, "_tied_weights_keys", None) or {})
 
 
+def no_split_modules(model) -> list[str]:
+    """The layer classes a transformers model must not split: what accelerate's FSDP wrap policy falls back to when
+    fsdp_config names no transformer_layer_cls_to_wrap (`_no_split_modules`, a class attribute with no public name)."""
+    return list(getattr(model, "_no_split_modules", None) or [])
+
+
 @functools.lru_cache(maxsize=None)
 def optimizer_lookup() -> Callable[[Any, Any], tuple[type, dict]]:
     """transformers.Trainer.get_optimizer_cls_and_kwargs without importing transformers.trainer (and accelerate, a

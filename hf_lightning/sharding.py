@@ -121,7 +121,9 @@ def wrap_class_names(args, model) -> list[str]:
     names = settings.get("transformer_cls_names_to_wrap")
     if names:
         return [name.strip() for name in names.split(",") if name.strip()]
-    return list(getattr(model, "_no_split_modules", None) or [])
+    from .compat import no_split_modules
+
+    return no_split_modules(model)
 
 
 def check_model(args, model) -> None:

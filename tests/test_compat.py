@@ -126,6 +126,13 @@ def test_tied_weight_keys():
     assert any("lm_head" in key for key in keys)
 
 
+def test_no_split_modules():
+    config = transformers.LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2)
+    assert compat.no_split_modules(transformers.LlamaForCausalLM(config)) == ["LlamaDecoderLayer"]
+    assert compat.no_split_modules(torch.nn.Linear(2, 2)) == []
+
+
 def test_optimizer_lookup_matches_transformers():
     args = transformers.TrainingArguments("unused", optim="adamw_torch", learning_rate=3e-4, report_to="none")
     cls, kwargs = compat.optimizer_lookup()(args)
