@@ -1,6 +1,6 @@
 """One timed training run (a subprocess of bench/speed.py): prints one JSON line.
 
-    python bench/_worker.py MODEL FRAMEWORK STEPS SPAWN_TIME [--phases]
+    python bench/_worker.py MODEL FRAMEWORK STEPS SPAWN_TIME [--phases] [--compile] [--losses]
 
 FRAMEWORK is raw, hf, hl or hl-baseline. hl-baseline runs the same code as hl; bench/speed.py starts it with an older
 checkout first on PYTHONPATH, so that `import hf_lightning` resolves there. For both, the JSON line records
@@ -9,6 +9,12 @@ checkout first on PYTHONPATH, so that `import hf_lightning` resolves there. For 
 --phases also splits each step into the model's forward, the backward, the gradient clipping, the optimizer step and
 the rest (data loading and everything the framework does around them), by timing those four calls (nested time is
 counted once, in the innermost call): the rest is what a framework adds, without the run-to-run noise of the compute.
+
+MODEL is mlp, bert, llama (speed.py's) or llama-s (the same Llama at batch 4 x 32 tokens, for bench/compile.py).
+
+For the trainers (bench/compile.py): --compile sets `torch_compile=True`; --losses logs every step and records the
+losses. Their JSON line also has `first_step_compute_s`, the first step from its on_step_begin to its on_step_end
+(where torch.compile compiles).
 """
 
 import time
@@ -23,14 +29,17 @@ import sys  # noqa: E402
 
 model_name, framework, steps, spawn_time = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 PHASES = "--phases" in sys.argv
+COMPILE, LOSSES = "--compile" in sys.argv, "--losses" in sys.argv
+if framework == "raw" and (COMPILE or LOSSES):
+    sys.exit("--compile and --losses are for the trainers (hf, hl), not the raw loop")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 torch.manual_seed(0)
-BATCH = {"mlp": 32, "bert": 16, "llama": 8}[model_name]
-SEQ = {"bert": 64, "llama": 128}.get(model_name)
+BATCH = {"mlp": 32, "bert": 16, "llama": 8, "llama-s": 4}[model_name]
+SEQ = {"bert": 64, "llama": 128, "llama-s": 32}.get(model_name)
 
 
 class MLP(nn.Module):
@@ -50,7 +59,7 @@ class Rows(torch.utils.data.Dataset):
             self.rows = [{"x": torch.randn(32, generator=g), "labels": torch.tensor(i % 2)} for i in range(n)]
         else:
             ids = torch.randint(1, 1000, (n, SEQ), generator=g)
-            labels = ids.clone() if model_name == "llama" else torch.arange(n) % 2
+            labels = ids.clone() if model_name.startswith("llama") else torch.arange(n) % 2
             self.rows = [{"input_ids": ids[i], "attention_mask": torch.ones(SEQ, dtype=torch.long),
                           "labels": labels[i]} for i in range(n)]
 
@@ -83,6 +92,8 @@ def _build_model():
 
 
 step_ends = []
+step_begins = []
+losses = []
 phase_steps = []  # per step: seconds in each timed call
 _phase_now = {"forward": 0.0, "backward": 0.0, "clip": 0.0, "optimizer": 0.0}
 _phase_stack = []
@@ -147,12 +158,20 @@ else:
         from hf_lightning import Trainer, TrainingArguments  # hl-baseline: from the checkout on PYTHONPATH
 
     class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            step_begins.append(time.time())
+
         def on_step_end(self, args, state, control, **kwargs):
             step_end()
 
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if "loss" in (logs or {}):
+                losses.append(logs["loss"])
+
     args = TrainingArguments(f"/tmp/hfl-bench-{framework}", per_device_train_batch_size=BATCH, max_steps=steps,
-                             logging_steps=10**6, save_strategy="no", report_to="none", disable_tqdm=True,
-                             use_cpu=True, dataloader_pin_memory=False, log_level="error")
+                             logging_steps=1 if LOSSES else 10**6, save_strategy="no", report_to="none",
+                             disable_tqdm=True,
+                             use_cpu=True, dataloader_pin_memory=False, log_level="error", torch_compile=COMPILE)
     Trainer(build_model(), args=args, train_dataset=data, callbacks=[Clock()]).train()
 
 deltas = [b - a for a, b in zip(step_ends[10:], step_ends[11:])]
@@ -168,6 +187,10 @@ if PHASES:  # medians over the same steps; "rest" = the step minus the four time
         result[f"{name}_ms"] = 1000 * values[len(values) // 2]
     rest = sorted(d - sum(p.values()) for d, p in zip(deltas, timed_steps))
     result["rest_ms"] = 1000 * rest[len(rest) // 2]
+if step_begins:
+    result["first_step_compute_s"] = step_ends[0] - step_begins[0]
+if LOSSES:
+    result["losses"] = losses
 if "hf_lightning" in sys.modules:
     result["hf_lightning_file"] = sys.modules["hf_lightning"].__file__
 print(json.dumps(result))

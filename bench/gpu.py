@@ -1,10 +1,11 @@
 """GPU check and speed (run by bench/gpu.sh on one NVIDIA GPU): Llama-125M from config, bf16, batch 16 x 1024 tokens.
 
-Measures tokens/s of a raw PyTorch loop, transformers.Trainer and hf_lightning.Trainer on the same model and data,
+Measures tokens/s of a raw PyTorch loop, transformers.Trainer and hf_lightning.Trainer (each also with
+use_liger_kernel=True where liger-kernel is installed) on the same model and data,
 interleaved in one process per framework, and prints one JSON line per run plus a Markdown table. Also checks that
 hf_lightning's loss curve matches transformers' under bf16 on the GPU.
 
-    python bench/gpu.py [--steps 30] [--frameworks raw hf hl]
+    python bench/gpu.py [--steps 30] [--frameworks raw hf hl hf_liger hl_liger]
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def worker(framework: str, steps: int) -> dict:
             ends.append(time.time())
             losses.append(loss.item())
     else:
-        if framework == "hf":
+        if framework.startswith("hf"):
             from transformers import Trainer, TrainerCallback, TrainingArguments
         else:
             from transformers import TrainerCallback
@@ -60,7 +61,7 @@ def worker(framework: str, steps: int) -> dict:
 
         args = TrainingArguments(f"/tmp/gpu-{framework}", per_device_train_batch_size=batch, max_steps=steps,
                                  bf16=True, logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
-                                 lr_scheduler_type="constant")
+                                 lr_scheduler_type="constant", use_liger_kernel=framework.endswith("_liger"))
         trainer = Trainer(model, args=args, train_dataset=rows, callbacks=[Clock()])
         trainer.train()
         losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
@@ -74,12 +75,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--frameworks", nargs="+", default=["raw", "hf", "hl"])
+    parser.add_argument("--frameworks", nargs="+", default=["raw", "hf", "hl", "hf_liger", "hl_liger"])
     parser.add_argument("--worker")
     opts = parser.parse_args()
     if opts.worker:
         print(json.dumps(worker(opts.worker, opts.steps)))
         return
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is None and any(f.endswith("_liger") for f in opts.frameworks):
+        print("skipping hf_liger / hl_liger: liger-kernel is not installed (WHEELS=dir with its wheel, see gpu.sh)")
+        opts.frameworks = [f for f in opts.frameworks if not f.endswith("_liger")]
     results: dict[str, list] = {f: [] for f in opts.frameworks}
     for _ in range(opts.rounds):
         for framework in opts.frameworks:

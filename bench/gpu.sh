@@ -4,4 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q -e . 2>/dev/null || true
+# liger-kernel (hf_liger / hl_liger rows) from a folder of wheels where the machine has no index: WHEELS=/path
+if [ -n "${WHEELS:-}" ]; then
+  python -m pip install -q --no-index --find-links "$WHEELS" liger-kernel || echo "liger-kernel did not install from $WHEELS"
+fi
 python bench/gpu.py --steps "${STEPS:-30}" --rounds "${ROUNDS:-2}"

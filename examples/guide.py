@@ -2,7 +2,8 @@
 
 Each function is one block of the guide with the import swapped, a tiny model built from a config instead of
 google/gemma-2b, and the bundled sentences instead of IMDB from the Hub (trl.SFTTrainer's text handling is replaced
-by tokenizing the text column). What the guide sets is kept as written, except push_to_hub (no Hub access here).
+by tokenizing the text column). What the guide sets is kept as written; its push_to_hub=True pushes where HF_ENDPOINT
+points (e.g. the test Hub of tests/hub_server.py), and is off without it (no Hub access here).
 Liger kernels need a GPU and are not part of this file.
 
     python examples/guide.py [block ...]      # e.g. python examples/guide.py quickstart galore lomo
@@ -95,6 +96,7 @@ def quickstart():
         eval_strategy="epoch",
         save_strategy="epoch",
         load_best_model_at_end=True,
+        push_to_hub="HF_ENDPOINT" in os.environ,
         report_to="none",
     )
     trainer = Trainer(

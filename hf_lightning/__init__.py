@@ -31,6 +31,7 @@ try:
     from transformers.trainer_utils import IntervalStrategy, PredictionOutput, TrainOutput, get_last_checkpoint
 
     from .checkpoint import model_from_lightning_checkpoint
+    from .seq2seq import Seq2SeqTrainer, Seq2SeqTrainingArguments
     from .trainer import Trainer
     from .training_args import TrainingArguments
 finally:
@@ -47,6 +48,8 @@ __all__ = [
     "HfArgumentParser",
     "IntervalStrategy",
     "PredictionOutput",
+    "Seq2SeqTrainer",
+    "Seq2SeqTrainingArguments",
     "Trainer",
     "TrainerCallback",
     "TrainerControl",

@@ -22,7 +22,6 @@ import os
 import random
 import re
 import shutil
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,7 +39,7 @@ from transformers.trainer_utils import (
     sort_checkpoints,
 )
 
-from . import compat, sharding
+from . import adapters, compat, sharding
 from .optimizers import OptimizerQuirks, optimizer_state_globals
 from .run import RunState, TrainerHooks, TrainingPlan
 
@@ -261,6 +260,8 @@ def save_checkpoint(hooks: TrainerHooks, run: RunState, lightning_trainer) -> st
     strategy.barrier("hf_lightning.save_checkpoint.written")  # every rank's files are in before the rename
     if args.should_save:
         _replace_dir_atomically(tmp_dir, final_dir)
+        if args.push_to_hub:  # before the rotation, as transformers (the push runs in the background)
+            hooks._push_from_checkpoint(final_dir)
         rotate_checkpoints(args.output_dir, args.save_total_limit, state.best_model_checkpoint)
     return final_dir
 
@@ -304,7 +305,10 @@ def _numpy_state(value) -> tuple:
 
 def load_flow_state_dict(run: RunState, state_dict: dict):
     """Restore the TrainerState from a .ckpt's callback entry; returns this rank's RNG state."""
+    ranks = (run.state.is_local_process_zero, run.state.is_world_process_zero)
     run.state = _state_from_json(json.loads(state_dict["trainer_state"]))
+    # which process this is (the checkpoint's file says rank 0's, on every rank)
+    run.state.is_local_process_zero, run.state.is_world_process_zero = ranks
     rngs = state_dict.get("rng", {})
     return rngs.get(str(run.args.process_index)) or next(iter(rngs.values()), None)
 
@@ -347,11 +351,7 @@ def determine_best_metric(run: RunState, metrics: dict) -> bool:
 _ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
-def _peft_model(model):
-    """The model as a peft `PeftModel`/`PeftMixedModel`, or None. peft is imported only if something else did (a
-    model cannot be a PeftModel otherwise), so a run without adapters never pays for the import."""
-    peft = sys.modules.get("peft")
-    return model if peft is not None and isinstance(model, (peft.PeftModel, peft.PeftMixedModel)) else None
+_peft_model = adapters.peft_model
 
 
 def _adapter_config_line(folder: str) -> str:
@@ -596,7 +596,10 @@ def _restore_from_lightning_ckpt(hooks: TrainerHooks, args, file: str):
         raise ValueError(f"{file!r} is not an hf_lightning checkpoint: it lacks {missing or [FLOW_KEY]}.")
     prefix = "model."
     weights = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    _load_state_dict_checked(hooks.model, weights, file)
+    if _peft_model(hooks.model) is not None:  # the trainable weights only (adapters.py)
+        adapters.load_trainable(hooks.model, weights, file)
+    else:
+        _load_state_dict_checked(hooks.model, weights, file)
     if checkpoint.get("optimizer_states"):
         _load_into(hooks.optimizer, checkpoint["optimizer_states"][0], file)
     if checkpoint.get("lr_schedulers"):
@@ -640,15 +643,23 @@ def load_callback_states(run: RunState) -> None:
         )
 
 
-def model_from_lightning_checkpoint(path: str):
+def model_from_lightning_checkpoint(path: str, base_model=None):
     """Rebuild the trained transformers model from a `lightning.ckpt` alone (its config and class travel in
-    `hyper_parameters`, its weights in `state_dict`)."""
+    `hyper_parameters`, its weights in `state_dict`). A PEFT model's checkpoint holds its adapters only: they are
+    put on `base_model` (the model without adapters they were trained on), or on the one their adapter config
+    names (`base_model_name_or_path`), as peft's `PeftModel.from_pretrained` does."""
     import transformers
 
     checkpoint = _torch_load(path, "a Lightning checkpoint")
     hparams = checkpoint.get("hyper_parameters", {})
     if "model_config" not in hparams or "model_class" not in hparams:
         raise ValueError(f"{path!r} carries no model config: it was not written by hf_lightning from a transformers model.")
+    if "peft_config" in hparams:
+        weights = {k[len("model.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+        return adapters.rebuild(hparams, weights, base_model, path)
+    if base_model is not None:
+        raise ValueError(f"{path!r} holds a whole {hparams['model_class']} (no adapters): base_model= is for the "
+                         "checkpoint of a PEFT model.")
     config_dict = dict(hparams["model_config"])
     config = transformers.AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
     model_cls = getattr(transformers, hparams["model_class"], None)

@@ -97,9 +97,36 @@ def tied_weight_keys(model) -> set[str]:
 
 
 def no_split_modules(model) -> list[str]:
-    """The layer classes a transformers model must not split: what accelerate's FSDP wrap policy falls back to when
-    fsdp_config names no transformer_layer_cls_to_wrap (`_no_split_modules`, a class attribute with no public name)."""
+    """The layer classes a transformers model says must not be split across devices: the layers that accelerate's
+    FSDP plugin wraps (and checkpoints) when none are named (its `set_auto_wrap_policy`)."""
     return list(getattr(model, "_no_split_modules", None) or [])
+
+
+def settle_generation_config(model):
+    """The model's generation config after a `generate()` in transformers' Seq2SeqTrainer.prediction_step: marked as
+    no longer derived from the model config (`_from_model_config`), and with GenerationConfig's default parameters
+    filled in where unset (`_get_default_generation_params`), in place, since the padding length reads `max_length`
+    from it; there is no public spelling of either."""
+    gen_config = model.generation_config
+    if gen_config._from_model_config:
+        gen_config._from_model_config = False
+    gen_config.update(**gen_config._get_default_generation_params(), defaults_only=True)
+    return gen_config
+
+
+def transformers_push_from_checkpoint() -> Callable[[Any, str], None]:
+    """transformers.Trainer._push_from_checkpoint, borrowed by hub.py: transformers' checkpoint push (which files go up,
+    the commit messages, `last-checkpoint`, the skip while a push runs) has no public entry point."""
+    from transformers.trainer import Trainer
+
+    return Trainer._push_from_checkpoint
+
+
+def transformers_finish_current_push() -> Callable[[Any], None]:
+    """transformers.Trainer._finish_current_push (wait for the push in progress), which ends transformers' train()."""
+    from transformers.trainer import Trainer
+
+    return Trainer._finish_current_push
 
 
 @functools.lru_cache(maxsize=None)
@@ -134,3 +161,29 @@ def optimizer_lookup() -> Callable[[Any, Any], tuple[type, dict]]:
         return handler(ctx)
 
     return lookup
+
+
+# ---------------------------------------------------------------------- Lightning's subprocess launcher (launch.py)
+
+
+def subprocess_script_launcher() -> type:
+    """Lightning's launcher that re-runs the script in each other process of a node (its "ddp" strategy's): there is
+    no public way to give its children more environment than LOCAL_RANK/WORLD_SIZE/NODE_RANK, so launch.py subclasses
+    it."""
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    return _SubprocessScriptLauncher
+
+
+def set_launcher(strategy, launcher) -> None:
+    """Install `launcher` on a strategy (its `launcher` property has no setter; the strategy configures its own)."""
+    if not hasattr(strategy, "_launcher"):
+        raise RuntimeError("lightning's strategies no longer keep `_launcher`: update compat.py.")
+    strategy._launcher = launcher
+
+
+def script_command() -> list[str]:
+    """The command line Lightning's launcher re-runs the script with (`python script.py ARGS` or `python -m ...`)."""
+    from lightning.fabric.strategies.launchers.subprocess_script import _basic_subprocess_cmd
+
+    return list(_basic_subprocess_cmd())

@@ -84,7 +84,10 @@ class EvaluationRun:
         losses, logits, labels = hooks.prediction_step(model, inputs, prediction_loss_only, ignore_keys=self.ignore_keys)
         keep_all = not args.batch_eval_metrics or self.description == PREDICTION
         if losses is not None:
-            losses = losses.repeat(batch_size or args.eval_batch_size)
+            # transformers repeats each loss eval_batch_size times and its gather_for_metrics trims a short last
+            # batch's repeats; Seq2SeqTrainer's plain gather keeps them (its losses weigh every batch fully)
+            keep_padded = hooks._keep_padded_eval_losses
+            losses = losses.repeat(args.eval_batch_size if keep_padded else batch_size or args.eval_batch_size)
             self.losses.add(losses)
         if inputs_decode is not None and keep_all:
             self.inputs.add(inputs_decode)

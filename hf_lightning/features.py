@@ -7,6 +7,7 @@
     bf16_full_eval/fp16_full_eval FullEvalCast      evaluate()/predict() with the model cast to that dtype
     debug="underflow_overflow"   UnderflowOverflow  transformers' DebugUnderflowOverflow on the model being fitted
     torch_compile(_backend/_mode) TorchCompile      the training forward compiled in place, as accelerate.prepare does
+    use_liger_kernel(+ _config)  LigerKernel        liger-kernel's Triton kernels patched into the model (CUDA only)
 """
 
 from __future__ import annotations
@@ -169,6 +170,22 @@ class TorchCompile(pl.Callback):
         set_compiled_call(pl_module.model, None)
 
 
+class LigerKernel(pl.Callback):
+    """`use_liger_kernel` / `liger_kernel_config`: transformers' `apply_liger_kernel` (liger-kernel's
+    `_apply_liger_kernel_to_instance(model=..., **liger_kernel_config)`) when fitting starts, where transformers'
+    `train()` applies it (after `model_init`, before the model is wrapped). The `kernels` extra installs liger-kernel;
+    its kernels are Triton GPU kernels, so a machine without CUDA is refused at `Trainer(...)` time."""
+
+    def __init__(self, config: dict | None):
+        self.config = dict(config or {})
+
+    def setup(self, trainer, pl_module, stage):
+        if stage == "fit":
+            from transformers.integrations.liger import apply_liger_kernel
+
+            apply_liger_kernel(pl_module.model, self.config)
+
+
 def feature_callbacks(args) -> list[pl.Callback]:
     """The callbacks these TrainingArguments switch on."""
     callbacks: list[pl.Callback] = []
@@ -189,6 +206,8 @@ def feature_callbacks(args) -> list[pl.Callback]:
     # TrainingArguments.__post_init__ already turned torch_compile on for a backend or mode, inductor by default.
     if args.torch_compile:
         callbacks.append(TorchCompile(args.torch_compile_backend, args.torch_compile_mode))
+    if args.use_liger_kernel:
+        callbacks.append(LigerKernel(args.liger_kernel_config))
     return callbacks
 
 

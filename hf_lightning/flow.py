@@ -362,6 +362,7 @@ class TrainingFlow(pl.Callback):
                     hf_logger.info(f"Deleting older checkpoint [{folder}] due to args.save_total_limit")
                     shutil.rmtree(folder, ignore_errors=True)
         run.on_train_end()
+        hooks._finish_current_push()  # as transformers: train() returns once the last checkpoint push is done
         self.train_output = TrainOutput(state.global_step, train_loss, metrics)
 
     def on_fit_end(self, trainer, pl_module):

@@ -14,6 +14,7 @@ from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, defau
 from transformers.trainer_pt_utils import LabelSmoother
 from transformers.trainer_utils import SaveStrategy, has_length
 
+from .gpu_strategies import apply_launcher_fsdp
 from .training_args import apply_accelerator_config, check_supported
 
 
@@ -27,6 +28,7 @@ def resolve_args(args):
         raise TypeError(
             f"`args` must be a TrainingArguments instance (hf_lightning's or transformers'), got {type(args).__name__}."
         )
+    apply_launcher_fsdp(args)  # accelerate launch --use_fsdp: its settings become fsdp / fsdp_config
     check_supported(args)
     apply_accelerator_config(args)
     return args

@@ -115,8 +115,7 @@ hf_lightning, so its own level setting at import comes first)."""
 
 
 def _is_main(args) -> bool:
-    rank = int(os.environ.get("LOCAL_RANK" if args.log_on_each_node else "RANK", "0"))
-    return rank == 0
+    return args.should_log  # transformers' rule, on the topology launch.adopt_topology gave args
 
 
 # What Lightning says on every run that is neither true nor useful to a transformers user (README, "What is covered").

@@ -20,7 +20,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import ParallelStrategy
 
-from . import compat, sharding
+from . import adapters, compat, sharding
+from .gpu_strategies import engine_grad_norm, is_deepspeed, micro_batch_sync
 from .evaluation import EvaluationOutput, EvaluationRun, announce_evaluation, memory_stage
 from .optimizers import OptimizerQuirks, steps_on_metric
 from .run import RunState, TrainerHooks
@@ -40,11 +41,8 @@ class TransformersModule(pl.LightningModule):
         self.model = hooks.model
         self.hooks = hooks
         self.run_state = run
-        hparams = {"training_args": run.args.to_dict()}
-        config = getattr(self.model, "config", None)
-        if config is not None and hasattr(config, "to_dict"):  # enough to rebuild the model from the .ckpt alone
-            hparams["model_class"] = type(self.model).__name__
-            hparams["model_config"] = config.to_dict()
+        # enough to rebuild the model from the .ckpt alone (a PEFT model's frozen base: from the user, see adapters)
+        hparams = {"training_args": run.args.to_dict(), **adapters.model_hparams(self.model)}
         self.save_hyperparameters(hparams)
         self.quirks = OptimizerQuirks(None)  # the optimizer's, once configure_optimizers built it
         self.flow = None  # the TrainingFlow callback, set while training
@@ -77,11 +75,17 @@ class TransformersModule(pl.LightningModule):
         if not state_dict or not all(key.startswith(prefix) for key in state_dict):
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         weights = {key[len(prefix):]: value for key, value in state_dict.items()}
+        if adapters.peft_model(self.model) is not None and strict:  # the .ckpt holds the trainable weights only
+            return adapters.load_trainable(self.model, weights, "The Lightning checkpoint's state_dict")
         return self.model.load_state_dict(weights, strict=strict, assign=assign)
 
     def configure_model(self):
         """Under a ModelParallelStrategy (fsdp=, or one in lightning_trainer_kwargs): FSDP2's fully_shard, once."""
         sharding.configure_model(self)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """A PEFT model's lightning.ckpt keeps only what training changes (see adapters.py)."""
+        checkpoint["state_dict"] = adapters.keep_trainable_only(self.model, checkpoint["state_dict"])
 
     # ------------------------------------------------------------------ optimizers
 
@@ -125,7 +129,7 @@ class TransformersModule(pl.LightningModule):
                 last = i == len(window) - 1
                 accelerator.sync_gradients = last  # as accelerate's accumulate() tells user code
                 skip_sync = isinstance(strategy, ParallelStrategy) and not last and not sync_each
-                no_sync = strategy.block_backward_sync() if skip_sync else None
+                no_sync = micro_batch_sync(strategy, last, skip_sync)
                 with no_sync or contextlib.nullcontext():
                     loss = hooks.training_step(self.model, inputs, num_items)
                 flow.add_micro_batch(loss, inputs)
@@ -164,7 +168,9 @@ class TransformersModule(pl.LightningModule):
             scaler.unscale_(optimizer)
         max_norm = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else float("inf")
         wrapped = self.trainer.model
-        if hasattr(wrapped, "clip_grad_norm_"):  # FSDP shards the gradients: it owns the norm
+        if is_deepspeed(self.trainer.strategy):  # the engine clips in its step (config gradient_clipping)
+            grad_norm = engine_grad_norm(self.trainer.strategy)
+        elif hasattr(wrapped, "clip_grad_norm_"):  # FSDP shards the gradients: it owns the norm
             grad_norm = wrapped.clip_grad_norm_(max_norm)
         else:  # FSDP2's DTensor gradients included: the total norm is reduced across ranks
             grad_norm = sharding.finite_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))

@@ -53,6 +53,7 @@ class TrainerHooks(Protocol):
     preprocess_logits_for_metrics: Any
     eval_dataset: Any
     _train_batch_size: int  # per-device train batch size of this attempt (auto_find_batch_size lowers it)
+    _keep_padded_eval_losses: bool  # Seq2SeqTrainer: a short last eval batch's loss counts eval_batch_size times
 
     def create_optimizer_and_scheduler(self, num_training_steps: int) -> None: ...
 
@@ -71,6 +72,10 @@ class TrainerHooks(Protocol):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None: ...
 
     def _save_checkpoint(self, model: nn.Module, trial: Any = None) -> None: ...
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None: ...
+
+    def _finish_current_push(self) -> None: ...
 
 
 class MemoryMetrics(TrainerMemoryTracker):

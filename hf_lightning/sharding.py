@@ -4,8 +4,9 @@ transformers reads `fsdp`/`fsdp_config` into `args.fsdp_plugin_args` (accelerate
 kwargs: version, reshard_after_forward, cpu_offload, auto_wrap_policy, transformer_cls_names_to_wrap,
 activation_checkpointing, cpu_ram_efficient_loading, state_dict_type). The same reading drives here:
 
-* `fsdp_strategy(args)` – the Lightning strategy: `ModelParallelStrategy(data_parallel_size=<world size>,
-  tensor_parallel_size=1)` for FSDP2 (the only version that runs on CPU); FSDP1 (`version: 1`) is refused here.
+* `fsdp_strategy(args, model)` – the Lightning strategy: `ModelParallelStrategy(data_parallel_size=<world size from
+  Lightning's topology, launch.py>, tensor_parallel_size=1)` for FSDP2 (the only version that runs on CPU); FSDP1
+  (`version: 1`) is gpu_strategies.fsdp1_strategy (Lightning's FSDPStrategy, CUDA only).
 * `configure_model(module)` – called from the LightningModule's `configure_model`: `fully_shard` on every layer of
   the wrap classes (default: the model's `_no_split_modules`), then on the root, as accelerate's FSDP2 does. It runs
   for any `ModelParallelStrategy`, also one passed in `lightning_trainer_kwargs`.
@@ -36,8 +37,12 @@ def fsdp_settings(args) -> dict[str, Any] | None:
     return dict(getattr(args, "fsdp_plugin_args", None) or {"fsdp_version": 2})
 
 
+def _lightning_kwargs(args) -> dict:
+    return dict(getattr(args, "lightning_trainer_kwargs", None) or {})
+
+
 def _extra_strategy(args):
-    return (getattr(args, "lightning_trainer_kwargs", None) or {}).get("strategy")
+    return _lightning_kwargs(args).get("strategy")
 
 
 def is_model_parallel(strategy) -> bool:
@@ -72,22 +77,17 @@ def check_arguments(args) -> None:
             )
     if settings is None:
         return
-    if getattr(args, "deepspeed", None):
-        raise ValueError(
-            "TrainingArguments.fsdp and TrainingArguments.deepspeed are both set: use one of them (transformers: "
-            "'Using --fsdp xxx together with --deepspeed is not possible')."
-        )
     if extra is not None and not is_model_parallel(extra):
         raise ValueError(
             f"TrainingArguments.fsdp is set but lightning_trainer_kwargs strategy={extra!r} is another strategy: "
             "remove one of them (fsdp runs on Lightning's ModelParallelStrategy; pass a ModelParallelStrategy "
             "object there to choose its options)."
         )
-    if settings.get("fsdp_version", 2) != 2:
-        raise ValueError(
-            "TrainingArguments.fsdp_config={'version': 1} asks for FSDP1, which hf_lightning does not run here "
-            "(Lightning's FSDPStrategy needs CUDA). Use fsdp_config={'version': 2} (FSDP2, transformers' default)."
-        )
+    if settings.get("fsdp_version", 2) == 1:  # FSDP1: Lightning's FSDPStrategy, mapped by gpu_strategies.py
+        from .gpu_strategies import check_fsdp1_device
+
+        check_fsdp1_device(args)
+        return
     if args.fsdp_config.get("xla"):
         raise ValueError("TrainingArguments.fsdp_config['xla']=True: XLA FSDP is not supported by hf_lightning.")
     policy = settings.get("auto_wrap_policy", "TRANSFORMER_BASED_WRAP")
@@ -140,24 +140,60 @@ def check_model(args, model) -> None:
         )
 
 
-def fsdp_strategy(args, world_size: int):
-    """The Lightning strategy for `fsdp=`: FSDP2 on ModelParallelStrategy, every process one data-parallel shard.
-
-    FSDP1 (fsdp_config version 1, Lightning's FSDPStrategy on CUDA) is refused by `check_arguments`; this is the one
-    place to map it once it runs."""
+def fsdp_strategy(args, model=None):
+    """The Lightning strategy for `fsdp=`: FSDP2 on ModelParallelStrategy, every process one data-parallel shard, as
+    many as Lightning's topology runs (a launcher's, or Lightning's own for `lightning_trainer_kwargs` devices);
+    FSDP1 (fsdp_config version 1) Lightning's FSDPStrategy, which wraps `model`'s layer classes (CUDA only)."""
     from datetime import timedelta
 
+    from lightning.fabric.plugins.environments import LightningEnvironment
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    if "WORLD_SIZE" not in os.environ:
+    from . import launch
+
+    if (fsdp_settings(args) or {}).get("fsdp_version", 2) == 1:
+        from .gpu_strategies import fsdp1_strategy
+
+        return fsdp1_strategy(args, model)
+    found = launch.topology(_lightning_kwargs(args))
+    # transformers refuses fsdp outside distributed training; a launcher's single process counts (torchrun -n 1)
+    launched = not isinstance(launch.lightning_cluster_environment(), LightningEnvironment)
+    if found.world_size <= 1 and not launched and "WORLD_SIZE" not in os.environ:
         raise ValueError(
             "TrainingArguments.fsdp only works in distributed training (as with transformers): launch the script "
-            "with `torchrun --nproc_per_node N script.py` (or accelerate launch), N >= 1."
+            "with `torchrun --nproc_per_node N script.py` (or accelerate launch), N >= 1, or let Lightning start "
+            "the processes with lightning_trainer_kwargs={'devices': N}."
         )
-    return ModelParallelStrategy(
-        data_parallel_size=max(world_size, 1), tensor_parallel_size=1, process_group_backend=args.ddp_backend,
+    return FolderModelParallelStrategy(
+        data_parallel_size=found.world_size, tensor_parallel_size=1, process_group_backend=args.ddp_backend,
         timeout=timedelta(seconds=args.ddp_timeout),
     )
+
+
+def _model_parallel_strategy_class():
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return ModelParallelStrategy
+
+
+class FolderModelParallelStrategy(_model_parallel_strategy_class()):
+    """Lightning's ModelParallelStrategy, which also resumes `fit(ckpt_path=<checkpoint-N folder>)`.
+
+    ModelParallelStrategy loads checkpoints itself (its `load_checkpoint` reads only its own DCP layout, bypassing
+    the CheckpointIO, and its `load_*_state_dict` do nothing): a checkpoint-N folder goes through FolderCheckpointIO
+    (weights into the shards, trainer state, RNG, scheduler) and the DCP optimizer folder into the optimizer here."""
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None):
+        path = os.fspath(checkpoint_path)
+        if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "trainer_state.json")):
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        checkpoint = self.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
+        folder = os.path.join(path, OPTIMIZER_DIR)
+        if not os.path.isdir(folder):
+            raise ValueError(f"{path} holds no {OPTIMIZER_DIR}/ (the optimizer of a sharded run): resume it with "
+                             "train(resume_from_checkpoint=...) or from a checkpoint written under fsdp.")
+        load_optimizer(self.lightning_module.model, self.optimizers[0], folder)
+        return checkpoint
 
 
 # ---------------------------------------------------------------------- sharding the model
@@ -173,7 +209,14 @@ def configure_model(module) -> None:
     """fully_shard the transformers model of `module` (a TransformersModule) under a ModelParallelStrategy."""
     strategy = module.trainer.strategy
     model = module.model
-    if not is_model_parallel(strategy) or is_sharded(model):
+    if not is_model_parallel(strategy):
+        return
+    ckpt_path = module.trainer.ckpt_path
+    if ckpt_path and os.path.isdir(ckpt_path) and not isinstance(strategy, FolderModelParallelStrategy):
+        raise ValueError(  # its own load_checkpoint reads only Lightning's DCP layout, past hf_lightning's CheckpointIO
+            f"fit(ckpt_path={ckpt_path!r}) under the ModelParallelStrategy given in lightning_trainer_kwargs cannot "
+            "read a checkpoint-N folder: resume with trainer.train(resume_from_checkpoint=...), or use fsdp=True.")
+    if is_sharded(model):
         return
     from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 

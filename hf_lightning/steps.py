@@ -21,7 +21,7 @@ from transformers.trainer_pt_utils import LabelSmoother, nested_detach
 from transformers.trainer_utils import unwrap_peft_model
 from transformers.utils.generic import can_return_loss, find_labels
 
-from . import inputs
+from . import compat, inputs
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,8 @@ def compute_loss(model, inputs, num_items_in_batch, *, label_smoother, compute_l
     if compute_loss_func is not None:
         loss = compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
     elif labels is not None:
-        shift = type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+        # A PEFT wrapper's class names no task: transformers asks its base model whether it is a causal LM.
+        shift = type(unwrap_peft_model(model)).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
         loss = label_smoother(outputs, labels, shift_labels=shift, num_items_in_batch=num_items_in_batch)
     else:
         if isinstance(outputs, dict) and "loss" not in outputs:
@@ -149,3 +150,58 @@ def prediction_step(model, inputs, prediction_loss_only: bool, ignore_keys, *, l
     if len(logits) == 1:
         logits = logits[0]
     return (loss, logits, labels)
+
+
+def generation_step(model, inputs, gen_kwargs: dict, *, generating_model, label_smoother, pad, loss_context,
+                    prediction_loss_only: bool) -> tuple:
+    """transformers' Seq2SeqTrainer.prediction_step with `predict_with_generate`: (loss, generated ids, labels) of one
+    evaluation batch. `generating_model` (the unwrapped model) generates with `gen_kwargs`, `model` computes the loss
+    as transformers does there (the model's own loss or the label smoother, not compute_loss); generated ids and
+    labels are padded by `pad(tensor, length)` to the generation config's length."""
+    from transformers.distributed.fsdp import is_fsdp_managed_module
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    has_labels = "labels" in inputs
+    gen_kwargs = dict(gen_kwargs)
+    for name in ("num_beams", "max_length"):  # None means "the generation config's value"
+        if name in gen_kwargs and gen_kwargs[name] is None:
+            gen_kwargs.pop(name)
+    gen_kwargs["synced_gpus"] = gen_kwargs.get(
+        "synced_gpus", is_deepspeed_zero3_enabled() or is_fsdp_managed_module(generating_model)
+    )
+    generation_inputs = inputs
+    # decoder_input_ids built from the labels (DataCollatorForSeq2Seq(model=...)) would make generate continue them
+    if (
+        "labels" in inputs
+        and "decoder_input_ids" in inputs
+        and inputs["labels"].shape == inputs["decoder_input_ids"].shape
+    ):
+        generation_inputs = {k: v for k, v in inputs.items() if k not in ("decoder_input_ids", "decoder_attention_mask")}
+    generated_tokens = generating_model.generate(**generation_inputs, **gen_kwargs)
+
+    gen_config = compat.settle_generation_config(generating_model)
+    generated_tokens = _pad_to_generation_length(generated_tokens, gen_config, pad)
+
+    with torch.no_grad():
+        if has_labels:
+            with loss_context():
+                outputs = model(**inputs)
+            if label_smoother is not None:
+                loss = label_smoother(outputs, inputs["labels"]).detach().mean()
+            else:
+                loss = (outputs["loss"] if isinstance(outputs, dict) else outputs[0]).detach().mean()
+        else:
+            loss = None
+    if prediction_loss_only:
+        return loss, None, None
+    labels = _pad_to_generation_length(inputs["labels"], gen_config, pad) if has_labels else None
+    return loss, generated_tokens, labels
+
+
+def _pad_to_generation_length(tensor: torch.Tensor, gen_config, pad) -> torch.Tensor:
+    """transformers' rule: pad to max_length, or to max_new_tokens + 1 when that is what bounds the output."""
+    if tensor.shape[-1] < gen_config.max_length:
+        return pad(tensor, gen_config.max_length)
+    if gen_config.max_new_tokens is not None and tensor.shape[-1] < gen_config.max_new_tokens + 1:
+        return pad(tensor, gen_config.max_new_tokens + 1)
+    return tensor

@@ -7,7 +7,7 @@ Every public name of `transformers.Trainer` 5.24 and the protected hooks subclas
   `state`, `optimizer`, `accelerator` ...). `transformers.trainer` imports accelerate's Accelerator, the hub and
   integrations, so it is imported on first use, not by `import hf_lightning`;
 * properties and attributes whose values follow from Lightning running the loop (`model_wrapped`, no DeepSpeed/FSDP
-  plugin, no hub repository yet);
+  plugin), and the hub's checkpoint push with its failures logged (hub.py);
 * REFUSED — what has no counterpart yet: `NotImplementedError` saying why and what to use instead;
 * NOT_CALLED — transformers hooks that exist here (callable, as transformers') but that Lightning's loop does not
   call: a subclass overriding one is warned at construction, rather than having its override silently unused.
@@ -22,9 +22,7 @@ import warnings
 from transformers import trainer_pt_utils
 
 from . import checkpoint as ckpt
-
-_HUB = ("save the model with `trainer.save_model(dir)` and upload it with `huggingface_hub.upload_folder(repo_id=..., "
-        "folder_path=dir)` (or `trainer.model.push_to_hub(repo_id)`); hub integration in the Trainer is planned")
+from . import hub
 
 _LOG_SAVE_EVALUATE = (
     "log → evaluate → save runs inside Lightning's loop (hf_lightning/flow.py), driven by TrainerControl; "
@@ -47,8 +45,6 @@ REFUSED: dict[str, str] = {
         "supports it (planned), run the search yourself, e.g. an optuna study whose objective builds "
         "`Trainer(model_init=..., args=...)` with the trial's values and returns `trainer.evaluate()[metric]`"
     ),
-    "push_to_hub": _HUB,
-    "init_hf_repo": _HUB,
     "create_accelerator_and_postprocess": _ACCELERATOR,
     "evaluation_loop": _EVALUATION_LOOP,
     "_maybe_log_save_evaluate": _LOG_SAVE_EVALUATE,
@@ -74,25 +70,37 @@ def _transformers_trainer():
     return importlib.import_module("transformers.trainer").Trainer
 
 
+@functools.cache
+def transformers_seq2seq_trainer():
+    return importlib.import_module("transformers.trainer_seq2seq").Seq2SeqTrainer
+
+
 class Borrowed:
-    """transformers.Trainer's function of the same name, looked up when first used."""
+    """transformers.Trainer's function of the same name (or `source()`'s, e.g. Seq2SeqTrainer's), looked up when
+    first used."""
+
+    def __init__(self, source=None):
+        self.source = source or _transformers_trainer
 
     def __set_name__(self, owner, name):
         self.name = name
 
     def __get__(self, obj, objtype=None):
-        function = vars(_transformers_trainer())[self.name]
+        function = vars(self.source())[self.name]
+        if isinstance(function, staticmethod):
+            return function.__func__
         return function if obj is None else function.__get__(obj, objtype)
 
 
 BORROWED = (
     "create_model_card", "autocast_smart_context_manager", "get_batch_samples", "set_initial_training_values",
     "get_total_train_batch_size", "get_sp_size", "get_cp_size", "get_tp_size", "_evaluate", "_report_to_hp_search",
-    "_load_callback_state",
+    "_load_callback_state", "push_to_hub", "init_hf_repo",
 )
 
 # Attributes transformers sets in __init__ whose value is fixed here: Lightning runs no DeepSpeed/FSDP plugin of
-# transformers (refused by the field table), no hub repository or hyperparameter search exists yet.
+# transformers (refused by the field table), no hyperparameter search exists yet; `hub_model_id` until `init_hf_repo`
+# sets the instance's (hub.py).
 CONSTANTS = {
     "deepspeed": None, "is_deepspeed_enabled": False, "is_fsdp_enabled": False, "hub_model_id": None, "hp_name": None,
     "hp_search_backend": None,
@@ -191,6 +199,8 @@ def apply(cls) -> None:
         "gather_function": property(_gather_function, _set_gather_function, doc=_gather_function.__doc__),
         "_wrap_model": _wrap_model,
         "_load_from_checkpoint": _load_from_checkpoint,
+        "_push_from_checkpoint": hub.push_from_checkpoint,
+        "_finish_current_push": hub.finish_current_push,
         **CONSTANTS,
         **{name: _refused(name, message) for name, message in REFUSED.items()},
     }

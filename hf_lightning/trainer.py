@@ -24,9 +24,9 @@ from transformers.trainer_pt_utils import LayerWiseDummyOptimizer, get_parameter
 from transformers.trainer_utils import PredictionOutput, enable_full_determinism, set_seed
 
 from . import checkpoint as ckpt
-from . import compat, evaluation, inputs, interrupts, progress, steps, surface
+from . import compat, evaluation, inputs, interrupts, launch, progress, steps, surface
 from . import data as hf_data
-from . import sharding
+from . import hub, sharding
 from . import optimizers as hf_optimizers
 from .accelerator import LightningAccelerator
 from .callbacks import CallbackHandler, pop_lightning_callback, split_callbacks
@@ -59,6 +59,7 @@ class Trainer:
     # As in transformers: a subclass whose compute_loss returns a per-batch mean sets False (the loss is then divided
     # by the window's micro-batch count), one that normalises over the whole window sets True; None = decide.
     loss_is_scaled_for_ga: bool | None = None
+    _keep_padded_eval_losses = False  # transformers' gather_for_metrics trims a short last batch (evaluation.py)
 
     # transformers' attributes of the run, kept in the shared RunState.
     state: TrainerState = shared_attribute("state", "transformers' TrainerState of the current run.")
@@ -89,6 +90,7 @@ class Trainer:
         callback: list | None = None,
     ):
         self.args = args = inputs.resolve_args(args)
+        launch.adopt_topology(args)  # args.world_size, process_index, ... as Lightning's strategy runs them
         surface.check_overrides(type(self))
         enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
         apply_log_levels(args)
@@ -119,6 +121,7 @@ class Trainer:
         handler.add_callback(progress.default_progress_callback(args))  # after the user's, as transformers adds it
         self._run = RunState(args, handler)
         self._run.new_state(self.is_local_process_zero(), self.is_world_process_zero())
+        hub.init_repo(self)  # push_to_hub: transformers' init_hf_repo creates the repository
         if args.should_save:
             os.makedirs(args.output_dir, exist_ok=True)
         self.is_in_train = False
@@ -160,13 +163,13 @@ class Trainer:
         lightning_trainer = getattr(self, "lightning_trainer", None)
         if lightning_trainer is not None:
             return lightning_trainer.local_rank == 0
-        return int(os.environ.get("LOCAL_RANK", "0")) == 0
+        return self.args.local_process_index == 0
 
     def is_world_process_zero(self) -> bool:
         lightning_trainer = getattr(self, "lightning_trainer", None)
         if lightning_trainer is not None:
             return lightning_trainer.is_global_zero
-        return int(os.environ.get("RANK", os.environ.get("GLOBAL_RANK", "0"))) == 0
+        return self.args.process_index == 0
 
     # ------------------------------------------------------------------ callbacks
 
@@ -377,13 +380,14 @@ class Trainer:
         return self.lightning_module
 
     def _new_lightning_trainer(self, flow=None, **loop_limits) -> pl.Trainer:
-        kwargs = translate_arguments(self.args)
+        kwargs = translate_arguments(self.args, self.model)
         kwargs["callbacks"] = ([flow] if flow is not None else []) + list(self._lightning_callbacks) + kwargs["callbacks"]
         kwargs.setdefault("logger", make_loggers(self.args))
         progress.configure_progress(kwargs, self.callback_handler.callbacks, self.args)
         kwargs.update(loop_limits)
         with quiet_lightning():
             self.lightning_trainer = pl.Trainer(**kwargs)
+        launch.use_script_launcher(self.lightning_trainer)  # Lightning's own launcher (devices=N), launch.py
         return self.lightning_trainer
 
     # ------------------------------------------------------------------ train / evaluate / predict
@@ -479,6 +483,7 @@ class Trainer:
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Write a folder that `AutoModel*.from_pretrained` (and the processing class) loads."""
         ckpt.save_model_folder(self, output_dir or self.args.output_dir)
+        hub.after_save_model(self, _internal_call)
 
     def _save_checkpoint(self, model=None, trial=None) -> None:
         ckpt.save_checkpoint(self, self._run, self.lightning_trainer)

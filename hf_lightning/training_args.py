@@ -13,14 +13,14 @@ Every field of `transformers.TrainingArguments` is in `FIELD_POLICY`, classified
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import transformers
 
-from . import sharding
+from . import launch, sharding
 from .features import feature_callbacks
+from .gpu_strategies import DeepSpeedAutoValues, check_cuda_switches, deepspeed_strategy, uses_deepspeed
 
 HONOURED = "honoured"
 LIGHTNING = "lightning"
@@ -61,8 +61,10 @@ FIELD_POLICY: dict[str, tuple[str, str]] = {
                       "(nn.Module.compile), parameter names unchanged"),
     "torch_compile_backend": (LIGHTNING, "features.TorchCompile callback (sets torch_compile, as transformers)"),
     "torch_compile_mode": (LIGHTNING, "features.TorchCompile callback (sets torch_compile, as transformers)"),
-    "use_liger_kernel": (UNSUPPORTED, "not implemented yet"),
-    "liger_kernel_config": (UNSUPPORTED, "not implemented yet"),
+    "use_liger_kernel": (LIGHTNING, "features.LigerKernel callback: transformers' apply_liger_kernel when fitting "
+                         "starts (the `kernels` extra); refused without CUDA (Triton GPU kernels)"),
+    "liger_kernel_config": (LIGHTNING, "features.LigerKernel callback: liger-kernel's "
+                            "_apply_liger_kernel_to_instance(model=..., **liger_kernel_config)"),
     "use_cache": (HONOURED, "model.config.use_cache"),
     "neftune_noise_alpha": (LIGHTNING, "features.NEFTune callback: transformers' noise hook while fitting"),
     "torch_empty_cache_steps": (LIGHTNING, "features.EmptyDeviceCache callback: cache emptied every N steps"),
@@ -101,13 +103,14 @@ FIELD_POLICY: dict[str, tuple[str, str]] = {
     "save_on_each_node": (HONOURED, "args.should_save"),
     "save_total_limit": (HONOURED, "oldest checkpoint folders rotated, the best one kept"),
     "enable_jit_checkpoint": (HONOURED, "on SIGTERM: checkpoint-N of the last finished step, then exit 143"),
-    "push_to_hub": (UNSUPPORTED, "not implemented yet (no Hub access here)"),
-    "hub_token": (UNSUPPORTED, "push_to_hub is not implemented yet"),
-    "hub_private_repo": (UNSUPPORTED, "push_to_hub is not implemented yet"),
-    "hub_model_id": (UNSUPPORTED, "push_to_hub is not implemented yet"),
-    "hub_strategy": (UNSUPPORTED, "push_to_hub is not implemented yet"),
-    "hub_always_push": (UNSUPPORTED, "push_to_hub is not implemented yet"),
-    "hub_revision": (UNSUPPORTED, "push_to_hub is not implemented yet"),
+    "push_to_hub": (HONOURED, "hub.py: transformers' init_hf_repo / _push_from_checkpoint / push_to_hub on each save "
+                    "(background upload_folder futures; failures logged, training goes on); save_model() pushes"),
+    "hub_token": (HONOURED, "create_repo / upload_folder(token=...); None: huggingface_hub's HF_TOKEN or saved login"),
+    "hub_private_repo": (HONOURED, "create_repo(private=...)"),
+    "hub_model_id": (HONOURED, "the repository (default: output_dir's name in the token's namespace)"),
+    "hub_strategy": (HONOURED, "end / every_save / checkpoint (last-checkpoint/) / all_checkpoints, as transformers"),
+    "hub_always_push": (HONOURED, "push even while the previous push runs (else that save's push is skipped, logged)"),
+    "hub_revision": (HONOURED, "upload_folder(revision=...): the branch pushed to"),
     "load_best_model_at_end": (HONOURED, "best checkpoint's weights loaded after training"),
     "metric_for_best_model": (HONOURED, "TrainerState.best_metric / best_global_step"),
     "greater_is_better": (HONOURED, "best metric comparison"),
@@ -138,10 +141,12 @@ FIELD_POLICY: dict[str, tuple[str, str]] = {
     "ddp_static_graph": (LIGHTNING, "DDPStrategy(static_graph=...)"),
     "ddp_backend": (LIGHTNING, "DDPStrategy(process_group_backend=...)"),
     "ddp_timeout": (LIGHTNING, "DDPStrategy(timeout=...)"),
-    "fsdp": (LIGHTNING, "sharding.fsdp_strategy: FSDP2 (fully_shard) on ModelParallelStrategy; FSDP1 refused"),
+    "fsdp": (LIGHTNING, "sharding.fsdp_strategy: FSDP2 (fully_shard) on ModelParallelStrategy; FSDP1 "
+             "(fsdp_config version 1) gpu_strategies.fsdp1_strategy, CUDA only"),
     "fsdp_config": (LIGHTNING, "sharding.py: version 2, wrap classes, reshard_after_forward, cpu_offload, "
                     "activation_checkpointing, cpu_ram_efficient_loading; state_dict_type FULL_STATE_DICT"),
-    "deepspeed": (UNSUPPORTED, "sharded strategies are not supported yet"),
+    "deepspeed": (LIGHTNING, "gpu_strategies: DeepSpeedStrategy(config=...) with transformers' \"auto\" values "
+                  "(HfTrainerDeepSpeedConfig); refused without CUDA (Lightning's DeepSpeed runs on CUDA only)"),
     "debug": (LIGHTNING, "features.UnderflowOverflow callback ('underflow_overflow'); 'tpu_metrics_debug' refused"),
     "skip_memory_metrics": (HONOURED, "transformers' TrainerMemoryTracker (run.MemoryMetrics): *_mem_* metrics"),
     "do_train": (HONOURED, "read by scripts, not by the Trainer (as transformers)"),
@@ -152,6 +157,12 @@ FIELD_POLICY: dict[str, tuple[str, str]] = {
     # Added by hf_lightning.TrainingArguments:
     "lightning_trainer_kwargs": (LIGHTNING, "passed to lightning.Trainer (plugins, profiler, strategy options ...)"),
     "save_lightning_checkpoint": (HONOURED, "export: checkpoint-N/lightning.ckpt written beside the HF files"),
+    # Seq2SeqTrainingArguments (hf_lightning/seq2seq.py):
+    "sortish_sampler": (HONOURED, "as transformers 5.24: no sampler reads it (a warning says so when set)"),
+    "predict_with_generate": (HONOURED, "Seq2SeqTrainer.prediction_step generates (steps.generation_step)"),
+    "generation_max_length": (HONOURED, "generate(max_length=) in evaluate/predict and in-training evaluations"),
+    "generation_num_beams": (HONOURED, "generate(num_beams=) in evaluate/predict and in-training evaluations"),
+    "generation_config": (HONOURED, "Seq2SeqTrainer sets model.generation_config (transformers' loader)"),
 }
 
 # Values that are refused although they are legal for transformers.
@@ -206,7 +217,8 @@ def _is_default(name: str, value: Any) -> bool:
 
 def check_supported(args: transformers.TrainingArguments) -> None:
     """Raise a ValueError naming the first field set to a value hf_lightning does not support yet."""
-    sharding.check_arguments(args)  # first: fsdp with deepspeed names both fields
+    check_cuda_switches(args)  # first: a combination (deepspeed + fsdp) is named as such
+    sharding.check_arguments(args)
     for name, (policy, why) in FIELD_POLICY.items():
         if not hasattr(args, name):
             continue
@@ -288,10 +300,12 @@ def _precision(args: transformers.TrainingArguments) -> str:
     return "32-true"
 
 
-def _strategy(args: transformers.TrainingArguments) -> Any:
-    """DDP options only matter when more than one process trains; 'auto' otherwise. fsdp: FSDP2 (sharding.py)."""
+def _strategy(args: transformers.TrainingArguments, model=None) -> Any:
+    """DDP options only matter when more than one process trains; 'auto' otherwise. fsdp: sharding.py."""
+    if uses_deepspeed(args):
+        return deepspeed_strategy(args)
     if sharding.fsdp_settings(args) is not None:
-        return sharding.fsdp_strategy(args, int(os.environ.get("WORLD_SIZE", "1")))
+        return sharding.fsdp_strategy(args, model)
     ddp_options = {
         "find_unused_parameters": args.ddp_find_unused_parameters,
         "bucket_cap_mb": args.ddp_bucket_cap_mb,
@@ -308,13 +322,14 @@ def _strategy(args: transformers.TrainingArguments) -> Any:
     return DDPStrategy(process_group_backend=args.ddp_backend, timeout=timedelta(seconds=args.ddp_timeout), **ddp_options)
 
 
-def translate_arguments(args: transformers.TrainingArguments) -> dict[str, Any]:
-    """The `lightning.Trainer` keyword arguments that `args` stands for (loop limits are set by the facade)."""
+def translate_arguments(args: transformers.TrainingArguments, model=None) -> dict[str, Any]:
+    """The `lightning.Trainer` keyword arguments that `args` stands for (loop limits are set by the facade); `model`
+    names FSDP1's layer classes to wrap."""
     kwargs: dict[str, Any] = {
         "default_root_dir": args.output_dir,
         "precision": _precision(args),
         "enable_progress_bar": not args.disable_tqdm,
-        "strategy": _strategy(args),
+        "strategy": _strategy(args, model),
         # HF semantics run the loop's cadences: no sanity check, no Lightning checkpointing or gradient clipping.
         "num_sanity_val_steps": 0,
         # Lightning's checkpointing is on only for its ModelCheckpoint that resolves fit(ckpt_path="last") to the
@@ -326,20 +341,21 @@ def translate_arguments(args: transformers.TrainingArguments) -> dict[str, Any]:
         # NEFTune, activation checkpointing, tf32, empty_cache: a small Lightning callback each (features.py).
         "callbacks": feature_callbacks(args),
     }
+    if uses_deepspeed(args):
+        kwargs["callbacks"].append(DeepSpeedAutoValues(args))
     if args.use_cpu:
         kwargs["accelerator"] = "cpu"
-    # transformers trains on the device of this process; a multi-process run comes from a launcher (torchrun,
-    # accelerate launch, SLURM), whose environment Lightning reads.
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
+    # transformers trains on the device of this process; several processes come from a launcher (torchrun,
+    # accelerate launch, SLURM) or from Lightning's own (lightning_trainer_kwargs devices/num_nodes): launch.py.
+    extra = dict(getattr(args, "lightning_trainer_kwargs", None) or {})
+    topology = launch.topology(extra)
+    if topology.world_size <= 1:
         kwargs["devices"] = 1
     else:
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        kwargs.update(devices=local, num_nodes=max(world_size // local, 1))
+        kwargs.update(devices=topology.local_world_size, num_nodes=topology.num_nodes)
         if kwargs["strategy"] == "auto":
             kwargs["strategy"] = "ddp"
-    extra = dict(getattr(args, "lightning_trainer_kwargs", None) or {})
-    _check_lightning_kwargs(extra, world_size)
+    _check_lightning_kwargs(extra)
     kwargs["callbacks"] += list(extra.pop("callbacks", None) or [])
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.plugins.io import CheckpointIO
@@ -370,27 +386,9 @@ def loop_arguments(args, plan) -> dict[str, Any]:
     }
 
 
-def _asks_for_several_processes(devices, num_nodes) -> bool:
-    if isinstance(num_nodes, int) and num_nodes > 1:
-        return True
-    if isinstance(devices, (list, tuple)):
-        return len(devices) > 1
-    if devices in (-1, "-1", "auto"):  # all devices: several only where there are several GPUs
-        import torch
-
-        return torch.cuda.device_count() > 1
-    return int(devices) > 1 if str(devices).isdigit() else False
-
-
-def _check_lightning_kwargs(extra: dict, world_size: int) -> None:
+def _check_lightning_kwargs(extra: dict) -> None:
     """Refuse what would hang or silently differ, naming what to do instead."""
-    if world_size <= 1 and _asks_for_several_processes(extra.get("devices", 1), extra.get("num_nodes", 1)):
-        raise ValueError(
-            f"lightning_trainer_kwargs={extra!r} asks Lightning to start the processes itself; transformers' "
-            "semantics (data sharding, per-rank RNG files, loss scaling) are set up when the launcher starts them. "
-            "Launch the script as with transformers: `torchrun --nproc_per_node N script.py` (or accelerate launch, "
-            "SLURM); hf_lightning then runs Lightning's DDP on those processes."
-        )
+    launch.check_strategy(extra)
     strategy = extra.get("strategy")
     name = strategy if isinstance(strategy, str) else type(strategy).__name__ if strategy is not None else ""
     if any(word in name.lower() for word in ("fsdp", "deepspeed")):

@@ -161,7 +161,7 @@ USER_ERRORS = [
     ("bad eval_strategy", ["--args.eval_strategy", "sometimes"], "sometimes is not a valid IntervalStrategy"),
     ("batch size 0", ["--args.per_device_train_batch_size", "0"], "batch_size=0"),
     ("negative lr", ["--args.learning_rate", "-1"], "Invalid learning rate: -1.0"),
-    ("refused field", ["--args.use_liger_kernel", "true"], "use_liger_kernel=True is not supported"),
+    ("refused field", ["--args.use_liger_kernel", "true"], "use_liger_kernel=True: Liger's kernels are Triton GPU"),
     ("empty csv", ["--data.train_file", "{tmp}/empty.csv"], "no data"),
     ("validation_split 1.5", ["--data.validation_split", "1.5"], "test_size=1.5"),
     ("missing ckpt_path", ["--ckpt_path", "{tmp}/nope"], "resume_from_checkpoint='{tmp}/nope' does not exist"),

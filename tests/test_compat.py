@@ -119,18 +119,22 @@ def test_unscales_in_step():
     assert compat.unscales_in_step(torch.optim.AdamW(params)) is False
 
 
+def test_transformers_hub_push_methods():
+    """hub.py borrows these two: a checkpoint push (trainer, folder) and the wait for it (trainer)."""
+    import inspect
+
+    push, finish = compat.transformers_push_from_checkpoint(), compat.transformers_finish_current_push()
+    assert list(inspect.signature(push).parameters) == ["self", "checkpoint_folder"]
+    assert list(inspect.signature(finish).parameters) == ["self"]
+    trainer = type("Trainer", (), {})()  # before init_hf_repo: nothing to wait for
+    assert finish(trainer) is None
+
+
 def test_tied_weight_keys():
     config = transformers.LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                                       num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
     keys = compat.tied_weight_keys(transformers.LlamaForCausalLM(config))
     assert any("lm_head" in key for key in keys)
-
-
-def test_no_split_modules():
-    config = transformers.LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=2)
-    assert compat.no_split_modules(transformers.LlamaForCausalLM(config)) == ["LlamaDecoderLayer"]
-    assert compat.no_split_modules(torch.nn.Linear(2, 2)) == []
 
 
 def test_optimizer_lookup_matches_transformers():
@@ -191,3 +195,41 @@ def test_compiled_call_is_what_module_compile_installs_and_clearing_it_runs_eage
     compat.set_compiled_call(layer, None)
     layer(torch.ones(1, 2))
     assert traced == [True, False] and list(layer.state_dict()) == ["weight", "bias"]
+
+
+def test_no_split_modules_are_the_layer_classes_of_a_transformers_model():
+    from helpers import tiny_bert, tiny_llama
+
+    assert compat.no_split_modules(tiny_llama()) == ["LlamaDecoderLayer"]
+    assert "BertLayer" in compat.no_split_modules(tiny_bert())
+    assert compat.no_split_modules(torch.nn.Linear(2, 2)) == []
+
+
+def test_settle_generation_config_marks_it_and_fills_generate_defaults():
+    config = transformers.T5Config(vocab_size=8, d_model=8, d_kv=4, d_ff=8, num_layers=1, num_heads=2,
+                                   decoder_start_token_id=0)
+    model = transformers.T5ForConditionalGeneration(config)
+    assert model.generation_config._from_model_config is True
+    assert model.generation_config.max_length is None and model.generation_config.num_beams is None
+    model.generation_config.num_beams = 3  # a value already set stays
+    settled = compat.settle_generation_config(model)
+    assert settled is model.generation_config and settled._from_model_config is False
+    assert settled.max_length == 20 and settled.num_beams == 3 and settled.do_sample is False
+
+
+def test_ddp_strategy_launches_with_the_subprocess_script_launcher_and_takes_another():
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False)
+    launcher = trainer.strategy.launcher
+    assert type(launcher) is compat.subprocess_script_launcher()
+    other = compat.subprocess_script_launcher()(launcher.cluster_environment, 2, 1)
+    compat.set_launcher(trainer.strategy, other)
+    assert trainer.strategy.launcher is other
+
+
+def test_script_command_reruns_this_script():
+    import os
+    import sys
+
+    command = compat.script_command()  # pytest runs as `python -m pytest` or as its own script
+    assert command in ([sys.executable, os.path.abspath(sys.argv[0]), *sys.argv[1:]],
+                       [sys.executable, "-m", "pytest.__main__", *sys.argv[1:]])

@@ -64,6 +64,27 @@ def test_ddp_training_matches_transformers(ddp_runs):
     assert sorted(os.listdir(ddp_runs / "hl" / "checkpoint-6")) == sorted(os.listdir(ddp_runs / "hf" / "checkpoint-6"))
 
 
+def test_lightning_launcher_run_equals_the_torchrun_run(ddp_runs):
+    """`python job.py` with lightning_trainer_kwargs={"devices": 2}: Lightning's launcher re-runs the script for rank
+    1; topology (sharding, RNG files, who logs and saves, per-rank log levels) as under torchrun."""
+    out = ddp_runs / "lightning"
+    proc = subprocess.run([sys.executable, JOB, "hl", str(out), "lightning_launch"], capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "terminate called" not in proc.stderr
+    assert_same_history(json.load(open(ddp_runs / "hl" / "history.json")), json.load(open(out / "history.json")))
+    a = safetensors.torch.load_file(ddp_runs / "hl" / "final" / "model.safetensors")
+    b = safetensors.torch.load_file(out / "final" / "model.safetensors")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert sorted(os.listdir(out / "checkpoint-6")) == sorted(os.listdir(ddp_runs / "hl" / "checkpoint-6"))
+    for rank in (0, 1):  # the child's own RNG file and log levels: it ran as rank 1
+        assert json.load(open(out / f"levels_{rank}.json")) == json.load(open(ddp_runs / "hl" / f"levels_{rank}.json"))
+        assert torch.equal(torch.load(out / "checkpoint-6" / f"rng_state_{rank}.pth", weights_only=False)["cpu"],
+                           torch.load(ddp_runs / "hl" / "checkpoint-6" / f"rng_state_{rank}.pth",
+                                      weights_only=False)["cpu"])
+    assert len([line for line in proc.stdout.splitlines() if line.startswith("{'loss'")]) == 6
+
+
 def test_ddp_eval_loss_is_the_single_process_value(ddp_runs, tmp_path):
     # transformers 5.24 normalises each sharded eval batch by the token count of *both* processes' batches, so its
     # DDP eval_loss depends on the world size; here every process evaluates the whole set and gets the true value.
@@ -128,3 +149,21 @@ def test_a_subclass_on_the_accelerator_under_ddp(tmp_path):
     metrics = hf_lightning.Trainer(model, args=args, eval_dataset=lm_dataset(6, seed=5)).evaluate()
     assert metrics["eval_loss"] == pytest.approx([e for e in hl if "eval_loss" in e][-1]["eval_loss"], rel=1e-5)
     assert [e["eval_rows"] for e in hl if "eval_rows" in e] == [6.0, 6.0]  # not 12: gathered once, not per process
+
+
+ACCELERATE = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+
+
+def test_accelerate_launch_trains_as_the_torchrun_run(ddp_runs, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` (the guide's other launcher) starts the same DDP run: topology
+    from the environment it sets, the same steps, losses and checkpoint files as under torchrun. (With `--cpu`
+    accelerate runs its simple launcher: one process, whatever --num_processes says; the job itself asks for CPU.)"""
+    out = tmp_path / "accelerate"
+    proc = subprocess.run([ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+                           JOB, "hl", str(out)], capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    torchrun_run = json.load(open(ddp_runs / "hl" / "history.json"))
+    accelerate_run = json.load(open(out / "history.json"))
+    assert_same_history(torchrun_run, accelerate_run)
+    assert sorted(os.listdir(out / "checkpoint-6")) == sorted(os.listdir(ddp_runs / "hl" / "checkpoint-6"))

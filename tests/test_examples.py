@@ -62,3 +62,24 @@ def test_hf_argument_parser_scripts(tmp_path, script):
         verbose = run_script(script, tmp_path / "info", "info")
         assert verbose.returncode == 0 and "Configuration saved in" in verbose.stderr
 
+
+def test_guide_quickstart_pushes_to_the_hub(tmp_path):
+    """The guide's first TrainingArguments (push_to_hub=True) pushes each epoch's save to HF_ENDPOINT: here the test
+    Hub (tests/hub_server.py), from a real process that reads HF_ENDPOINT/HF_TOKEN as a user's does."""
+    from hub_server import HubServer
+
+    server = HubServer(tmp_path / "hub", tokens={"hf_guide": "guide-user"}).start()
+    try:
+        env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+        env.update(HF_ENDPOINT=server.url, HF_TOKEN="hf_guide", HF_HOME=str(tmp_path / "hf_home"),
+                   GUIDE_OUTPUT_DIR=str(tmp_path / "out"), PYTHONPATH=ROOT)
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "guide.py"), "quickstart"],
+                              capture_output=True, text=True, timeout=400, cwd=ROOT, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        messages = [message for message, _ in server.commits("guide-user/your-model")]
+        # epoch 2's push is skipped if epoch 1's still runs then (hub_always_push=False), as in transformers
+        assert messages[:2] == ["initial commit", "Training in progress, epoch 1"]
+        assert messages[2:] in ([], ["Training in progress, epoch 2"])
+        assert "model.safetensors" in server.files("guide-user/your-model")
+    finally:
+        server.stop()

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import safetensors.torch
@@ -47,7 +48,7 @@ def runs(tmp_path_factory):
 
 
 def test_fsdp2_trains_as_ddp(runs):
-    assert "STRATEGY ModelParallelStrategy" in (runs / "fsdp_stdout.txt").read_text()
+    assert "STRATEGY FolderModelParallelStrategy" in (runs / "fsdp_stdout.txt").read_text()
     fsdp, ddp = train_entries(runs / "fsdp"), train_entries(runs / "ddp")
     assert len(fsdp) == len(ddp) == 8
     for a, b in zip(fsdp, ddp):
@@ -123,6 +124,45 @@ def test_resume_on_one_process_reshards_the_optimizer(runs, tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], abs=0.15)
 
 
+def test_fsdp2_through_lightnings_own_launcher(runs, tmp_path):
+    """`python job.py` with fsdp=True and lightning_trainer_kwargs={"devices": 2}: Lightning starts the second
+    process; the run is the torchrun run (same topology, same shards)."""
+    proc = subprocess.run([sys.executable, JOB, "fsdp", str(tmp_path), "--devices", "2"], capture_output=True,
+                          text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "STRATEGY FolderModelParallelStrategy" in proc.stdout
+    assert train_entries(tmp_path) == train_entries(runs / "fsdp")
+    a, b = weights(runs / "fsdp" / "final"), weights(tmp_path / "final")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert sorted(os.listdir(tmp_path / "checkpoint-8" / "optimizer_0")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+
+
+def test_lora_on_a_frozen_base_trains_as_ddp_and_resumes_through_both_doors(tmp_path):
+    """LoRA under FSDP2 (frozen base and trainable adapters in the same fully_shard units): DDP's losses, grad norms
+    and adapters; adapter-only checkpoints (rank 0 writes the consolidated adapters); train(resume_from_checkpoint=)
+    and Lightning's fit(ckpt_path=<folder>) from checkpoint-4 both end bitwise equal to the uninterrupted run."""
+    torchrun(2, "ddp", tmp_path / "ddp", "--lora")
+    torchrun(2, "fsdp", tmp_path / "fsdp", "--lora")
+    shutil.copytree(tmp_path / "fsdp" / "checkpoint-4", tmp_path / "resumed" / "checkpoint-4")
+    out = torchrun(2, "fsdp", tmp_path / "resumed", "--lora", "--resume",
+                   "--lightning-door", str(tmp_path / "fsdp" / "checkpoint-4"))
+    fsdp, ddp = train_entries(tmp_path / "fsdp"), train_entries(tmp_path / "ddp")
+    assert len(fsdp) == len(ddp) == 8
+    for a, b in zip(fsdp, ddp):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    adapter = lambda folder: safetensors.torch.load_file(folder / "adapter_model.safetensors")  # noqa: E731
+    a, b = adapter(tmp_path / "fsdp" / "final"), adapter(tmp_path / "ddp" / "final")
+    assert a.keys() == b.keys() and all("lora_" in key for key in a)
+    assert all(torch.allclose(a[key], b[key], atol=1e-6) for key in a)
+    fsdp_files, ddp_files = (set(os.listdir(tmp_path / run / "checkpoint-4")) for run in ("fsdp", "ddp"))
+    assert fsdp_files - {"optimizer_0"} == ddp_files - {"optimizer.pt"}  # the same adapter files, no model.safetensors
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= fsdp_files and "model.safetensors" not in fsdp_files
+    for final in ("final", "final_door"):
+        resumed = adapter(tmp_path / "resumed" / final)
+        assert all(torch.equal(a[key], resumed[key]) for key in a), final
+    assert sum(line.startswith("{'loss'") for line in out.splitlines()) == 8  # 4 per door, by rank 0 only
+
+
 # ---------------------------------------------------------------------- bad input, before any process starts
 
 
@@ -140,9 +180,9 @@ def _trainer(tmp_path, **fields):
      r"fsdp_config\['transformer_layer_cls_to_wrap'\] names \['BertLayer'\].*LlamaDecoderLayer"),
     ({"optim": "galore_adamw_layerwise", "optim_target_modules": ["mlp"]}, "optim='galore_adamw_layerwise'"),
     ({"optim": "adalomo"}, "optim='adalomo'"),
-    ({"deepspeed": {"zero_optimization": {"stage": 2}}}, "fsdp and TrainingArguments.deepspeed are both set"),
+    ({"deepspeed": {"zero_optimization": {"stage": 2}}}, "TrainingArguments.deepspeed and fsdp are both set"),
     ({"lightning_trainer_kwargs": {"strategy": "ddp"}}, "fsdp is set but lightning_trainer_kwargs strategy='ddp'"),
-    ({"fsdp_config": {"version": 1}}, r"fsdp_config=\{'version': 1\} asks for FSDP1"),
+    ({"fsdp_config": {"version": 1}}, r"fsdp_config version 1 \(FSDP1\) needs CUDA"),
     ({"fsdp_config": {"state_dict_type": "SHARDED_STATE_DICT"}}, "state_dict_type"),
     ({"fsdp_config": {"auto_wrap_policy": "SIZE_BASED_WRAP"}}, "auto_wrap_policy"),
     ({"fsdp_config": {"cpu_offload": True}}, r"fsdp_config\['cpu_offload'\].*trains on the CPU"),

@@ -28,8 +28,6 @@ PROTECTED_HOOKS = ("_prepare_inputs", "_evaluate", "_maybe_log_save_evaluate", "
 # Each refusal names the alternative to use.
 ALTERNATIVES = {
     "hyperparameter_search": "model_init",
-    "push_to_hub": "upload_folder",
-    "init_hf_repo": "upload_folder",
     "create_accelerator_and_postprocess": "lightning_trainer_kwargs",
     "evaluation_loop": "trainer.evaluate",
     "_maybe_log_save_evaluate": "TrainerCallback",

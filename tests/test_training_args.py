@@ -25,8 +25,7 @@ def test_every_transformers_field_is_classified():
 
 
 UNSUPPORTED_EXAMPLES = {
-    "use_liger_kernel": True,
-    "push_to_hub": True,
+    "trackio_space_id": "someone/space",
 }
 
 
@@ -135,9 +134,26 @@ def test_not_a_callback(tmp_path):
         hf_lightning.Trainer(tiny_bert(), args=hf_lightning.TrainingArguments(str(tmp_path)), callbacks=[object()])
 
 
-def test_lightning_spawned_processes_and_sharded_strategies_are_refused(tmp_path):
-    for extra, fragment in (({"devices": 2}, "torchrun"), ({"num_nodes": 2}, "torchrun"),
+def test_spawning_and_sharded_strategies_are_refused(tmp_path):
+    for extra, fragment in (({"devices": 2, "strategy": "ddp_spawn"}, "strategy='ddp'"),
+                            ({"devices": 2, "strategy": "ddp_fork"}, "torchrun"),
                             ({"strategy": "fsdp"}, "sharded"), ({"strategy": "deepspeed_stage_2"}, "sharded")):
         args = hf_lightning.TrainingArguments(str(tmp_path), lightning_trainer_kwargs=extra)
         with pytest.raises(ValueError, match=fragment):
             translate_arguments(args)
+
+
+def test_lightning_launcher_topology_before_the_processes_start(tmp_path):
+    """devices=2 without a launcher: this process is rank 0 of 2 for transformers' properties before fit() starts
+    the other (data sharding and the training plan are computed before)."""
+    args = hf_lightning.TrainingArguments(str(tmp_path), use_cpu=True, lightning_trainer_kwargs={"devices": 2},
+                                          log_on_each_node=False)
+    assert args.world_size == 1  # accelerate saw no launcher
+    trainer = hf_lightning.Trainer(tiny_bert(), args=args)
+    assert (args.world_size, args.process_index, args.local_process_index) == (2, 0, 0)
+    assert args.should_save and args.should_log and trainer.is_world_process_zero()
+    kwargs = translate_arguments(args)
+    assert (kwargs["devices"], kwargs["strategy"], kwargs.get("num_nodes", 1)) == (2, "ddp", 1)
+    import pickle
+
+    assert type(pickle.loads(pickle.dumps(args)).distributed_state).__name__ == "PartialState"

@@ -1,6 +1,7 @@
 """Launched by tests/test_distributed.py with `torchrun --nproc_per_node 2` (CPU, gloo), as transformers users do.
 
-    torchrun --nproc_per_node 2 ddp_job.py FRAMEWORK OUTPUT_DIR
+    torchrun --nproc_per_node 2 ddp_job.py FRAMEWORK OUTPUT_DIR [neftune|layerwise|accelerate_style|lora]
+    python ddp_job.py hl OUTPUT_DIR lightning_launch   # Lightning's own launcher starts the second process
 """
 
 import json
@@ -59,18 +60,27 @@ if len(sys.argv) > 3 and sys.argv[3] == "accelerate_style":  # a TRL-style subcl
 
     trainer_cls = _accelerate_style(trainer_cls)
 args_cls = transformers.TrainingArguments if framework == "hf" else hf_lightning.TrainingArguments
+extra_args = {}
+if len(sys.argv) > 3 and sys.argv[3] == "lightning_launch":
+    # no ddp_backend: transformers' TrainingArguments(ddp_backend="gloo") fails in a process without a launcher's
+    # environment (accelerate then asks for a process group that does not exist); Lightning's DDP uses gloo on CPU
+    extra_args = {"lightning_trainer_kwargs": {"devices": 2}, "ddp_backend": None}
 args = args_cls(
     output_dir, per_device_train_batch_size=2, gradient_accumulation_steps=2, num_train_epochs=2, logging_steps=1,
     learning_rate=5e-3, eval_strategy="epoch", save_strategy="epoch", report_to="none", disable_tqdm=True,
-    use_cpu=True, seed=3, log_level="info", log_level_replica="error", ddp_backend="gloo",
+    use_cpu=True, seed=3, log_level="info", log_level_replica="error", **({"ddp_backend": "gloo"} | extra_args),
 )
 extra = {}
 if len(sys.argv) > 3 and sys.argv[3] == "accelerate_style":  # how many eval rows reach compute_metrics
     extra["compute_metrics"] = lambda prediction: {"rows": float(len(prediction.label_ids))}
-trainer = trainer_cls(tiny_llama(), args=args, train_dataset=lm_dataset(22), eval_dataset=lm_dataset(6, seed=5),
-                      **extra)
+model = tiny_llama()
+if len(sys.argv) > 3 and sys.argv[3] == "lora":  # LoRA adapters on a frozen base, each process holding a replica
+    import peft
+
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+trainer = trainer_cls(model, args=args, train_dataset=lm_dataset(22), eval_dataset=lm_dataset(6, seed=5), **extra)
 trainer.train()
-rank = int(os.environ["RANK"])
+rank = trainer.args.process_index
 levels = {name: logging.getLogger(name).getEffectiveLevel() for name in ("transformers", "hf_lightning", "lightning.pytorch")}
 with open(os.path.join(output_dir, f"levels_{rank}.json"), "w") as f:
     json.dump(levels, f)

@@ -1,11 +1,12 @@
 """Launched by tests/test_sharding.py with `torchrun --nproc_per_node N` (CPU, gloo): FSDP2 through `fsdp=True`.
 
-    torchrun --nproc_per_node N fsdp_job.py MODE OUTPUT_DIR [--kill-at S] [--resume]
+    torchrun --nproc_per_node N fsdp_job.py MODE OUTPUT_DIR [--kill-at S] [--resume] [--lora]
+    python fsdp_job.py MODE OUTPUT_DIR --devices 2   # Lightning's own launcher starts the second process
 
 MODE: fsdp (TrainingArguments(fsdp=True)), ddp (the same run without it), mp (a ModelParallelStrategy passed in
 lightning_trainer_kwargs), options (the legacy string "full_shard auto_wrap" and the other fsdp_config switches, rank 1
 starting from other weights that cpu_ram_efficient_loading replaces by rank 0's). --kill-at S: rank 0 SIGKILLs itself at the end of step S, before that step's save
-(torchrun then ends rank 1).
+(torchrun then ends rank 1). --lora: a LoRA-wrapped model (frozen base, trainable adapters).
 Writes history.json, final/ (save_model, called on every rank as with transformers under FSDP) and
 numel_<rank>.json (this rank's local parameter and optimizer-state element counts).
 """
@@ -31,8 +32,11 @@ parser.add_argument("--kill-at", type=int)
 parser.add_argument("--resume", action="store_true")
 parser.add_argument("--max-steps", type=int, default=8)
 parser.add_argument("--dump-at-begin", action="store_true", help="write the resumed weights and optimizer state")
+parser.add_argument("--lora", action="store_true")
+parser.add_argument("--lightning-door", help="then fit(ckpt_path=THIS folder) and save_model to final_door/")
+parser.add_argument("--devices", type=int, help="lightning_trainer_kwargs devices: Lightning launches the processes")
 cli = parser.parse_args()
-rank = int(os.environ["RANK"])
+rank = int(os.environ.get("RANK", "0"))  # Lightning's launcher sets it in the processes it starts
 
 
 class KillAt(transformers.TrainerCallback):
@@ -79,6 +83,10 @@ if cli.mode == "options":
         with torch.no_grad():
             for parameter in model.parameters():
                 parameter.add_(1.0)
+if cli.lora:
+    import peft
+
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
 if cli.mode == "fsdp":
     extra["fsdp"] = True
 elif cli.mode == "mp":
@@ -87,16 +95,21 @@ elif cli.mode == "mp":
     world = int(os.environ["WORLD_SIZE"])
     extra["lightning_trainer_kwargs"] = {
         "strategy": ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)}
+if cli.devices:  # no ddp_backend: transformers' TrainingArguments fails with it outside a launcher (gloo on CPU anyway)
+    extra.update(lightning_trainer_kwargs={"devices": cli.devices}, ddp_backend=None)
 args = hf_lightning.TrainingArguments(
     cli.output_dir, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=cli.max_steps,
     logging_steps=1, learning_rate=5e-3, save_steps=2, report_to="none", disable_tqdm=True, use_cpu=True, seed=3,
-    ddp_backend="gloo", max_grad_norm=0.5, **extra,
+    max_grad_norm=0.5, **({"ddp_backend": "gloo"} | extra),
 )
 os.makedirs(cli.output_dir, exist_ok=True)
 callbacks = [LocalNumel()] + ([KillAt()] if cli.kill_at else []) + ([DumpAtBegin()] if cli.dump_at_begin else [])
 trainer = hf_lightning.Trainer(model, args=args, train_dataset=lm_dataset(40), callbacks=callbacks)
 trainer.train(resume_from_checkpoint=True if cli.resume else None)
 trainer.save_model(os.path.join(cli.output_dir, "final"))
+if cli.lightning_door:
+    trainer.lightning_trainer.fit(trainer.lightning_module, ckpt_path=cli.lightning_door)
+    trainer.save_model(os.path.join(cli.output_dir, "final_door"))
 if trainer.is_world_process_zero():
     with open(os.path.join(cli.output_dir, "history.json"), "w") as f:
         json.dump(trainer.state.log_history, f)

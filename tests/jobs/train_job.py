@@ -1,6 +1,6 @@
 """A training job run in its own process by tests/test_checkpoint.py, so that crashes are real (SIGKILL).
 
-    python train_job.py FRAMEWORK OUTPUT_DIR [--kill POINT] [--resume PATH|latest]
+    python train_job.py FRAMEWORK OUTPUT_DIR [--kill POINT] [--resume PATH|latest] [--lora]
     python train_job.py serve      # fork server: one job per JSON request line, see serve()
 
 --kill POINT sends this process SIGKILL at one point, S being a global step:
@@ -53,6 +53,7 @@ def parse(argv):
     parser.add_argument("--jit", action="store_true", help="enable_jit_checkpoint=True")
     parser.add_argument("--save-steps", type=int, default=2)
     parser.add_argument("--grad-accum", type=int, default=2)
+    parser.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) on the frozen model")
     return parser.parse_args(argv)
 
 
@@ -163,7 +164,12 @@ def main(argv) -> None:
         num_train_epochs=3, save_steps=opts.save_steps, logging_steps=1, learning_rate=1e-2, report_to="none",
         disable_tqdm=True, use_cpu=True, seed=7, enable_jit_checkpoint=opts.jit, **export,
     )
-    trainer = trainer_cls(tiny_bert(dropout=0.2), args=args, train_dataset=classification_dataset(20),
+    model = tiny_bert(dropout=0.2)
+    if opts.lora:  # with its own dropout, so that the resumed RNG state shows in the adapters
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["query", "value"], lora_dropout=0.1))
+    trainer = trainer_cls(model, args=args, train_dataset=classification_dataset(20),
                           callbacks=[Report(opts.kill, opts.signal)])
     resume = True if opts.resume == "latest" else opts.resume
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# On a machine with NVIDIA GPUs (all of them are used), under 8 minutes: Llama-125M from config, bf16, 16 x 1024 tokens
+# per step, DDP / FSDP1 / FSDP2 / DeepSpeed ZeRO-2 / ZeRO-3 through hf_lightning and through transformers.Trainer,
+# each row in its own torchrun with a timeout. Prints a clear skip (exit 0) where there is no GPU.
+#   WHEELS=/path/to/wheels bench/gpu_strategies.sh   # also installs deepspeed (and liger-kernel) from that folder
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "SKIP: bench/gpu_strategies.sh needs CUDA GPUs and this machine has none (nothing was run)."
+  exit 0
+fi
+python -m pip install -q --no-deps -e . 2>/dev/null || true
+if [ -n "${WHEELS:-}" ]; then
+  python -m pip install -q --no-index --find-links "$WHEELS" deepspeed || echo "deepspeed did not install from $WHEELS"
+fi
+timeout 470 python bench/gpu_strategies.py --steps "${STEPS:-30}" --timeout "${ROW_TIMEOUT:-75}" --budget 380
