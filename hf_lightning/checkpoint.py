@@ -40,7 +40,7 @@ from transformers.trainer_utils import (
     sort_checkpoints,
 )
 
-from . import adapters, compat
+from . import adapters, compat, sharding
 from .background_save import BackgroundSave, SnapshotBuffers, snapshots_model
 from .optimizers import OptimizerQuirks, optimizer_state_globals
 from .run import RunState, TrainerHooks, TrainingPlan
@@ -112,6 +112,8 @@ def missing_training_state(folder: str, args) -> list[str]:
     some of them is damaged."""
     rng_names = [n for n in os.listdir(folder) if re.fullmatch(r"rng_state(_\d+)?\.pth", n)]
     missing = [n for n in (OPTIMIZER_NAME, SCHEDULER_NAME) if not os.path.isfile(os.path.join(folder, n))]
+    if OPTIMIZER_NAME in missing and os.path.isdir(os.path.join(folder, sharding.OPTIMIZER_DIR)):
+        missing.remove(OPTIMIZER_NAME)  # written from sharded state (FSDP2), as a DCP folder
     if not rng_names:
         missing.append(_rng_file(args))
     model_only = len(missing) == 3 and not os.path.isfile(os.path.join(folder, LIGHTNING_CKPT_NAME))
@@ -136,21 +138,25 @@ def save_model_folder(hooks: TrainerHooks, output_dir: str, final_dir: str | Non
     announced as transformers does, naming `final_dir` (the folder `output_dir` becomes) when given.
 
     A schedule-free optimizer is switched to eval() mode first, so that the saved weights are the averaged ones a
-    user deploys (transformers 5.24 saves the training iterate); the next training step switches it back."""
-    if not hooks.args.should_save:
-        return
+    user deploys (transformers 5.24 saves the training iterate); the next training step switches it back.
+    A sharded (FSDP2) model is gathered first: every rank must call this, rank 0 writes the consolidated weights."""
     model_folder_writer(hooks, output_dir, final_dir)()
 
 
 def model_folder_writer(hooks: TrainerHooks, output_dir: str, final_dir: str | None = None,
                         buffers: SnapshotBuffers | None = None):
-    """save_model_folder's work as a function to call later. With `buffers` (a background save), the weights are
-    copied into them now and the function writes the copy; a model whose weights are not copied (see
-    `snapshots_model`) is written now."""
+    """save_model_folder's work as a function to call later (one that does nothing on a process that does not save).
+    A sharded model is gathered here, on every rank. With `buffers` (a background save), the weights are copied into
+    them now and the function writes the copy; a model whose weights are not copied (see `snapshots_model`) is written
+    now."""
+    model, processing_class, args = hooks.model, hooks.processing_class, hooks.args
+    weights = sharding.full_state_dict(model) if sharding.is_sharded(model) else None
+    if not args.should_save:
+        return lambda: None
     OptimizerQuirks(hooks.optimizer).eval()
     hf_logger.info(f"Saving model checkpoint to {final_dir or output_dir}")
-    model, processing_class, args = hooks.model, hooks.processing_class, hooks.args
-    weights = buffers.take(model.state_dict(), ("model",)) if buffers is not None and snapshots_model(model) else None
+    if weights is None and buffers is not None and snapshots_model(model):
+        weights = buffers.take(model.state_dict(), ("model",))
 
     def write() -> None:
         os.makedirs(output_dir, exist_ok=True)
@@ -164,12 +170,24 @@ def model_folder_writer(hooks: TrainerHooks, output_dir: str, final_dir: str | N
                     os.path.join(output_dir, "model.safetensors"))
             if processing_class is not None and hasattr(processing_class, "save_pretrained"):
                 processing_class.save_pretrained(output_dir)
-        torch.save(args, os.path.join(output_dir, TRAINING_ARGS_NAME))  # for transformers' tools; never loaded here
+        torch.save(_args_to_save(args), os.path.join(output_dir, TRAINING_ARGS_NAME))  # never loaded here
 
     if buffers is not None and weights is None:
         write()
         return lambda: None
     return write
+
+
+def _args_to_save(args):
+    """The args as transformers pickles them; objects in lightning_trainer_kwargs (a strategy holds the model once it
+    ran, and an FSDP2-sharded class cannot be pickled) are recorded by their repr."""
+    extra = getattr(args, "lightning_trainer_kwargs", None)
+    plain = (str, int, float, bool, type(None))
+    if not extra or all(isinstance(value, plain) for value in extra.values()):
+        return args
+    saved = copy.copy(args)
+    saved.lightning_trainer_kwargs = {k: v if isinstance(v, plain) else repr(v) for k, v in extra.items()}
+    return saved
 
 
 class _RenamePath(logging.Filter):
@@ -242,7 +260,7 @@ def save_checkpoint(hooks: TrainerHooks, run: RunState, lightning_trainer, trial
     strategy.barrier("hf_lightning.save_checkpoint.start")
     if hooks.hp_search_backend is None and trial is None:  # as transformers: a trial's flos move at logs only
         run.store_flos(strategy)
-    write_model = model_folder_writer(hooks, tmp_dir, final_dir, buffers) if args.should_save else None
+    write_model = model_folder_writer(hooks, tmp_dir, final_dir, buffers)  # gathers a sharded model on every rank
     if state.best_global_step and args.save_strategy in ("steps", "epoch", "best"):
         best_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.best_global_step}")
         # As transformers: only a folder that exists (this one, being written, or an earlier one).
@@ -251,10 +269,13 @@ def save_checkpoint(hooks: TrainerHooks, run: RunState, lightning_trainer, trial
     copied = (lambda value: value) if buffers is None else copy.deepcopy
     files = []  # (name, state) torch.save writes
     if not args.save_only_model:
+        if sharding.is_sharded(hooks.model):  # every rank writes its shard of the optimizer state
+            sharding.save_optimizer(hooks.model, hooks.optimizer, os.path.join(tmp_dir, sharding.OPTIMIZER_DIR))
         if args.should_save:
-            optimizer_state = hooks.optimizer.state_dict()
-            files.append((OPTIMIZER_NAME, optimizer_state if buffers is None else buffers.take(optimizer_state,
-                                                                                                ("optimizer",))))
+            if not sharding.is_sharded(hooks.model):
+                optimizer_state = hooks.optimizer.state_dict()
+                files.append((OPTIMIZER_NAME, optimizer_state if buffers is None else buffers.take(optimizer_state,
+                                                                                                    ("optimizer",))))
             files.append((SCHEDULER_NAME, copied(hooks.lr_scheduler.state_dict())))
             scaler = getattr(lightning_trainer.precision_plugin, "scaler", None)
             if scaler is not None:
@@ -342,7 +363,10 @@ def _numpy_state(value) -> tuple:
 
 def load_flow_state_dict(run: RunState, state_dict: dict):
     """Restore the TrainerState from a .ckpt's callback entry; returns this rank's RNG state."""
+    ranks = (run.state.is_local_process_zero, run.state.is_world_process_zero)
     run.state = _state_from_json(json.loads(state_dict["trainer_state"]))
+    # which process this is (the checkpoint's file says rank 0's, on every rank)
+    run.state.is_local_process_zero, run.state.is_world_process_zero = ranks
     rngs = state_dict.get("rng", {})
     return rngs.get(str(run.args.process_index)) or next(iter(rngs.values()), None)
 
@@ -460,7 +484,10 @@ def _load_weights(model, folder: str) -> None:
         except Exception as err:  # noqa: BLE001 - safetensors names no file ("incomplete metadata")
             raise ValueError(f"Cannot read the model weights from {single!r} ({type(err).__name__}: {err}). The file "
                              "is corrupt or truncated.") from err
-        _load_state_dict_checked(model, state_dict, single)
+        if sharding.is_sharded(model):  # consolidated weights into this run's shards
+            _load_state_dict_checked(model, state_dict, single, load=sharding.load_full_state_dict)
+        else:
+            _load_state_dict_checked(model, state_dict, single)
     elif os.path.isfile(os.path.join(folder, "model.safetensors.index.json")):
         try:
             load_sharded_checkpoint(model, folder, strict=True)
@@ -470,7 +497,7 @@ def _load_weights(model, folder: str) -> None:
         raise ValueError(f"Checkpoint {folder!r} holds no model.safetensors: it cannot be resumed.")
 
 
-def _load_state_dict_checked(model, state_dict: dict, source: str) -> None:
+def _load_state_dict_checked(model, state_dict: dict, source: str, load=None) -> None:
     """The model's own `load_state_dict(state_dict, strict=False)`, as transformers resumes (an override may resize
     buffers or rename keys first), then refusing what does not fit where transformers would only warn: keys missing
     (other than the tied weights save_pretrained drops) or unexpected, or tensors of another shape."""
@@ -482,7 +509,7 @@ def _load_state_dict_checked(model, state_dict: dict, source: str) -> None:
         )
 
     try:
-        result = model.load_state_dict(state_dict, strict=False)
+        result = model.load_state_dict(state_dict, strict=False) if load is None else load(model, state_dict)
     except RuntimeError as err:  # torch names each size mismatch
         raise refuse(str(err)) from err
     if result is None:  # an override that returns nothing: compare the names after its load
@@ -567,6 +594,9 @@ def restore_training_state(hooks: TrainerHooks, run: RunState, lightning_trainer
     state.num_train_epochs = plan.num_train_epochs
     # logging/eval/save steps stay the checkpoint's, as in transformers (which warns when the args differ, above)
     state.train_batch_size = run.state.train_batch_size
+    # init_training_references: which process this is (the checkpoint's file says rank 0's, on every rank)
+    state.is_local_process_zero = run.state.is_local_process_zero
+    state.is_world_process_zero = run.state.is_world_process_zero
     if state.best_model_checkpoint is not None and not os.path.isdir(state.best_model_checkpoint):
         hf_logger.warning(
             f"The best checkpoint {state.best_model_checkpoint} recorded in the resumed state does not "
@@ -594,6 +624,13 @@ def _restore_from_folder(hooks: TrainerHooks, args, lightning_trainer, folder: s
         state = TrainerState.load_from_json(state_file)
     except (OSError, json.JSONDecodeError, TypeError) as err:
         raise ValueError(f"Cannot read {state_file!r}: {err}") from err
+    sharded_optimizer = os.path.join(folder, sharding.OPTIMIZER_DIR)
+    if os.path.isdir(sharded_optimizer):  # written from FSDP2 shards: DCP reshards it to this run's processes
+        sharding.load_optimizer(hooks.model, hooks.optimizer, sharded_optimizer)
+    elif sharding.is_sharded(hooks.model) and os.path.isfile(os.path.join(folder, OPTIMIZER_NAME)):
+        raise ValueError(
+            f"{folder} holds optimizer.pt, written by an unsharded run; this run shards the model (fsdp). Resume it "
+            "without fsdp, or start the fsdp run from its weights (model.safetensors) with a fresh optimizer.")
     for name, target in ((OPTIMIZER_NAME, hooks.optimizer), (SCHEDULER_NAME, hooks.lr_scheduler)):
         file = os.path.join(folder, name)
         if os.path.isfile(file):

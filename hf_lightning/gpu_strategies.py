@@ -238,13 +238,17 @@ def _sharding_strategy(value) -> str:
 _STATE_DICT_TYPES = {"FULL_STATE_DICT": "full", "SHARDED_STATE_DICT": "sharded"}
 
 
+def check_fsdp1_device(args) -> None:
+    if args.use_cpu or not _cuda():
+        raise ValueError("TrainingArguments.fsdp_config version 1 (FSDP1) needs CUDA GPUs (Lightning's FSDPStrategy "
+                         "refuses the CPU) and this run has none; set fsdp_config={'version': 2} (FSDP2 runs on CPU).")
+
+
 def fsdp1_strategy(args, model, plugin_args: Mapping[str, Any] | None = None):
     """Lightning's FSDPStrategy for FSDP1: transformers' `args.fsdp_plugin_args` (or accelerate launch's, from
     `launcher_fsdp_plugin_args()`) mapped as accelerate's FullyShardedDataParallelPlugin maps them onto FSDP."""
     plugin_args = dict(plugin_args if plugin_args is not None else getattr(args, "fsdp_plugin_args", None) or {})
-    if args.use_cpu or not _cuda():
-        raise ValueError("TrainingArguments.fsdp_config version 1 (FSDP1) needs CUDA GPUs (Lightning's FSDPStrategy "
-                         "refuses the CPU) and this run has none; set fsdp_config={'version': 2} (FSDP2 runs on CPU).")
+    check_fsdp1_device(args)
     from lightning.pytorch.strategies import FSDPStrategy
     from torch.distributed.fsdp import BackwardPrefetch
     from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy

@@ -20,7 +20,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import ParallelStrategy
 
-from . import adapters, compat
+from . import adapters, compat, sharding
 from . import data as hf_data
 from .gpu_strategies import engine_grad_norm, is_deepspeed, micro_batch_sync
 from .evaluation import EvaluationOutput, EvaluationRun, announce_evaluation, memory_stage
@@ -79,6 +79,10 @@ class TransformersModule(pl.LightningModule):
         if adapters.peft_model(self.model) is not None and strict:  # the .ckpt holds the trainable weights only
             return adapters.load_trainable(self.model, weights, "The Lightning checkpoint's state_dict")
         return self.model.load_state_dict(weights, strict=strict, assign=assign)
+
+    def configure_model(self):
+        """Under a ModelParallelStrategy (fsdp=, or one in lightning_trainer_kwargs): FSDP2's fully_shard, once."""
+        sharding.configure_model(self)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """A PEFT model's lightning.ckpt keeps only what training changes (see adapters.py)."""
@@ -169,8 +173,8 @@ class TransformersModule(pl.LightningModule):
             grad_norm = engine_grad_norm(self.trainer.strategy)
         elif hasattr(wrapped, "clip_grad_norm_"):  # FSDP shards the gradients: it owns the norm
             grad_norm = wrapped.clip_grad_norm_(max_norm)
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        else:  # FSDP2's DTensor gradients included: the total norm is reduced across ranks
+            grad_norm = sharding.finite_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
         if self.flow is not None:
             self.flow.grad_norm = grad_norm
         self.run_state.on_pre_optimizer_step()

@@ -25,7 +25,7 @@ from transformers.trainer_utils import PredictionOutput, enable_full_determinism
 from . import checkpoint as ckpt
 from . import compat, evaluation, inputs, interrupts, launch, progress, steps, surface
 from . import data as hf_data
-from . import hub
+from . import hub, sharding
 from . import optimizers as hf_optimizers
 from .accelerator import LightningAccelerator
 from .callbacks import CallbackHandler, pop_lightning_callback, split_callbacks
@@ -143,6 +143,7 @@ class Trainer:
     def _check_model(self, model: nn.Module) -> None:
         """transformers' model checks; its traits become the Trainer attributes transformers sets."""
         traits = steps.inspect_model(model, self.args)
+        sharding.check_model(self.args, model)  # fsdp's layer classes to wrap, before any process group
         for name in ("model_accepts_loss_kwargs", "label_names", "can_return_loss", "label_smoother"):
             setattr(self, name, getattr(traits, name))
         self._loss_shifts_labels = traits.loss_shifts_labels
@@ -371,7 +372,7 @@ class Trainer:
         return self.lightning_module
 
     def _new_lightning_trainer(self, flow=None, **loop_limits) -> pl.Trainer:
-        kwargs = translate_arguments(self.args)
+        kwargs = translate_arguments(self.args, self.model)
         kwargs["callbacks"] = ([flow] if flow is not None else []) + list(self._lightning_callbacks) + kwargs["callbacks"]
         kwargs.setdefault("logger", make_loggers(self.args))
         progress.configure_progress(kwargs, self.callback_handler.callbacks, self.args)

@@ -18,7 +18,7 @@ from typing import Any
 
 import transformers
 
-from . import launch
+from . import launch, sharding
 from .features import feature_callbacks
 from .gpu_strategies import DeepSpeedAutoValues, check_cuda_switches, deepspeed_strategy, uses_deepspeed
 
@@ -141,8 +141,10 @@ FIELD_POLICY: dict[str, tuple[str, str]] = {
     "ddp_static_graph": (LIGHTNING, "DDPStrategy(static_graph=...)"),
     "ddp_backend": (LIGHTNING, "DDPStrategy(process_group_backend=...)"),
     "ddp_timeout": (LIGHTNING, "DDPStrategy(timeout=...)"),
-    "fsdp": (UNSUPPORTED, "sharded strategies are not supported yet (checkpoints need a sharded-state save)"),
-    "fsdp_config": (UNSUPPORTED, "sharded strategies are not supported yet"),
+    "fsdp": (LIGHTNING, "sharding.fsdp_strategy: FSDP2 (fully_shard) on ModelParallelStrategy; FSDP1 "
+             "(fsdp_config version 1) gpu_strategies.fsdp1_strategy, CUDA only"),
+    "fsdp_config": (LIGHTNING, "sharding.py: version 2, wrap classes, reshard_after_forward, cpu_offload, "
+                    "activation_checkpointing, cpu_ram_efficient_loading; state_dict_type FULL_STATE_DICT"),
     "deepspeed": (LIGHTNING, "gpu_strategies: DeepSpeedStrategy(config=...) with transformers' \"auto\" values "
                   "(HfTrainerDeepSpeedConfig); refused without CUDA (Lightning's DeepSpeed runs on CUDA only)"),
     "debug": (LIGHTNING, "features.UnderflowOverflow callback ('underflow_overflow'); 'tpu_metrics_debug' refused"),
@@ -223,6 +225,7 @@ def _is_default(name: str, value: Any) -> bool:
 def check_supported(args: transformers.TrainingArguments) -> None:
     """Raise a ValueError naming the first field set to a value hf_lightning does not support yet."""
     check_cuda_switches(args)  # first: a combination (deepspeed + fsdp) is named as such
+    sharding.check_arguments(args)
     for name, (policy, why) in FIELD_POLICY.items():
         if not hasattr(args, name):
             continue
@@ -304,10 +307,12 @@ def _precision(args: transformers.TrainingArguments) -> str:
     return "32-true"
 
 
-def _strategy(args: transformers.TrainingArguments) -> Any:
-    """DDP options only matter when more than one process trains; 'auto' otherwise."""
+def _strategy(args: transformers.TrainingArguments, model=None) -> Any:
+    """DDP options only matter when more than one process trains; 'auto' otherwise. fsdp: sharding.py."""
     if uses_deepspeed(args):
         return deepspeed_strategy(args)
+    if sharding.fsdp_settings(args) is not None:
+        return sharding.fsdp_strategy(args, model)
     ddp_options = {
         "find_unused_parameters": args.ddp_find_unused_parameters,
         "bucket_cap_mb": args.ddp_bucket_cap_mb,
@@ -324,13 +329,14 @@ def _strategy(args: transformers.TrainingArguments) -> Any:
     return DDPStrategy(process_group_backend=args.ddp_backend, timeout=timedelta(seconds=args.ddp_timeout), **ddp_options)
 
 
-def translate_arguments(args: transformers.TrainingArguments) -> dict[str, Any]:
-    """The `lightning.Trainer` keyword arguments that `args` stands for (loop limits are set by the facade)."""
+def translate_arguments(args: transformers.TrainingArguments, model=None) -> dict[str, Any]:
+    """The `lightning.Trainer` keyword arguments that `args` stands for (loop limits are set by the facade); `model`
+    names FSDP1's layer classes to wrap."""
     kwargs: dict[str, Any] = {
         "default_root_dir": args.output_dir,
         "precision": _precision(args),
         "enable_progress_bar": not args.disable_tqdm,
-        "strategy": _strategy(args),
+        "strategy": _strategy(args, model),
         # HF semantics run the loop's cadences: no sanity check, no Lightning checkpointing or gradient clipping.
         "num_sanity_val_steps": 0,
         # Lightning's checkpointing is on only for its ModelCheckpoint that resolves fit(ckpt_path="last") to the

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 import types
 
@@ -160,6 +162,21 @@ FSDP1_CONFIG = {"version": 1, "transformer_layer_cls_to_wrap": "BertLayer", "act
                 "state_dict_type": "SHARDED_STATE_DICT", "backward_prefetch": "backward_pre"}
 
 
+def test_hf_lightning_does_not_import_deepspeed_unless_asked(tmp_path):
+    """deepspeed, once installed, warns at import ("Setting accelerator to CPU"); hf_lightning imports it only for
+    deepspeed= (transformers' save_pretrained imports it through accelerate's unwrap_model whenever installed)."""
+    code = ("import sys; sys.path.insert(0, 'tests'); import hf_lightning; from helpers import tiny_llama, lm_dataset; "
+            "from hf_lightning.training_args import translate_arguments; "
+            f"args = hf_lightning.TrainingArguments({str(tmp_path)!r}, fsdp=True, use_cpu=True, report_to='none'); "
+            "t = hf_lightning.Trainer(tiny_llama(), args=args, train_dataset=lm_dataset(4)); "
+            "translate_arguments(args, t.model); print('deepspeed' in sys.modules)")
+    env = {**os.environ, "WORLD_SIZE": "1"}  # fsdp's launcher check, as torchrun -n 1 leaves it
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "False"
+
+
 def test_fsdp1_is_refused_without_cuda(tmp_path):
     args = transformers.TrainingArguments(str(tmp_path), fsdp="full_shard", fsdp_config=dict(FSDP1_CONFIG),
                                           report_to="none")
@@ -214,10 +231,11 @@ def test_accelerate_launch_fsdp_flags_of_the_guide(tmp_path, cuda, monkeypatch):
     assert strategy.kwargs["auto_wrap_policy"]._module_classes == {type(model.bert.encoder.layer[0])}
     assert strategy._state_dict_type == "full" and strategy.cpu_offload.offload_params is False
     assert strategy.kwargs["use_orig_params"] is True
-    # On this machine the run is then refused (fsdp from the launcher), naming the field
-    with pytest.raises(ValueError, match="fsdp"):
-        hf_lightning.Trainer(tiny_bert(), args=hf_lightning.TrainingArguments(str(tmp_path), report_to="none"),
-                             train_dataset=classification_dataset(4))
+    # The run's strategy: the Trainer's args (fsdp from the launcher) translate to that FSDPStrategy
+    trainer = hf_lightning.Trainer(model, args=hf_lightning.TrainingArguments(str(tmp_path), report_to="none"),
+                                   train_dataset=classification_dataset(4))
+    chosen = translate_arguments(trainer.args, model)["strategy"]
+    assert type(chosen).__name__ == "FSDPStrategy" and chosen.sharding_strategy == ShardingStrategy.FULL_SHARD
 
 
 # ---------------------------------------------------------------------- Liger

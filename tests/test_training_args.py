@@ -25,7 +25,7 @@ def test_every_transformers_field_is_classified():
 
 
 UNSUPPORTED_EXAMPLES = {
-    "fsdp": "full_shard",
+    "trackio_space_id": "someone/space",
 }
 
 
