@@ -55,9 +55,77 @@ def check_cuda_switches(args, environ: Mapping[str, str] | None = None) -> None:
                 raise ValueError(f"TrainingArguments.deepspeed: the config's '{section}' section is not supported by "
                                  "hf_lightning: it builds transformers' optimizer and scheduler from TrainingArguments "
                                  f"(optim, learning_rate, lr_scheduler_type, ...); remove '{section}' from the config.")
+    check_given_strategy(args)
     if getattr(args, "use_liger_kernel", False) and (args.use_cpu or not _cuda()):
         raise ValueError("TrainingArguments.use_liger_kernel=True: Liger's kernels are Triton GPU kernels and this run "
                          "has no CUDA device; set use_liger_kernel=False.")
+
+
+# ---------------------------------------------------------------------- lightning_trainer_kwargs={"strategy": ...}
+
+
+def _given_class(strategy) -> type | None:
+    """The class of a strategy object, or the one Lightning's StrategyRegistry builds for a name (None: unknown)."""
+    if not isinstance(strategy, str):
+        return type(strategy)
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    return StrategyRegistry[strategy]["strategy"] if strategy in StrategyRegistry else None
+
+
+def check_given_strategy(args) -> None:
+    """A DeepSpeed / FSDP1 strategy (name or object) in lightning_trainer_kwargs, refused where it cannot run or where
+    a TrainingArguments switch already chose the strategy; before any process starts."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    strategy = dict(getattr(args, "lightning_trainer_kwargs", None) or {}).get("strategy")
+    cls = _given_class(strategy) if strategy is not None else None
+    if strategy is not None and uses_deepspeed(args):
+        raise ValueError(f"TrainingArguments.deepspeed is set and lightning_trainer_kwargs strategy={strategy!r} too: "
+                         "remove one of them (or pass DeepSpeedStrategy(config=...) there and no deepspeed=).")
+    if cls is None or not issubclass(cls, (DeepSpeedStrategy, FSDPStrategy)) or not (args.use_cpu or not _cuda()):
+        return
+    if issubclass(cls, DeepSpeedStrategy):
+        raise ValueError(f"lightning_trainer_kwargs strategy={strategy!r} is Lightning's DeepSpeedStrategy, which needs "
+                         "CUDA GPUs, and this run has none; on CPU use TrainingArguments(fsdp=True) (FSDP2) instead.")
+    raise ValueError(f"lightning_trainer_kwargs strategy={strategy!r} is Lightning's FSDPStrategy (FSDP1), which needs "
+                     "CUDA GPUs, and this run has none; on CPU use FSDP2: TrainingArguments(fsdp=True), or strategy="
+                     "ModelParallelStrategy(data_parallel_size=<processes>, tensor_parallel_size=1).")
+
+
+def given_strategy(args, strategy) -> tuple[Any, list]:
+    """The strategy of lightning_trainer_kwargs as hf_lightning runs it, and the callbacks it needs.
+
+    A Lightning registry name of DeepSpeed or FSDP becomes its object (what Lightning would build); "model_parallel"
+    is FSDP2 as fsdp=True runs it (sharding.py). A DeepSpeedStrategy's config gets transformers' "auto" values from
+    the TrainingArguments for what it leaves unset (micro-batch size, gradient_clipping = max_grad_norm), as for
+    deepspeed=: the engine then clips and accumulates as transformers does under DeepSpeed."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, StrategyRegistry
+
+    if strategy == "model_parallel":
+        from . import sharding
+
+        return sharding.model_parallel_strategy(args), []
+    cls = _given_class(strategy)
+    if isinstance(strategy, str) and cls is not None and issubclass(cls, (DeepSpeedStrategy, FSDPStrategy)):
+        strategy = StrategyRegistry.get(strategy)
+    if not isinstance(strategy, DeepSpeedStrategy):
+        return strategy, []
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    config = copy.deepcopy(strategy.config)
+    for section in ("optimizer", "scheduler"):
+        if section in config:
+            raise ValueError(f"lightning_trainer_kwargs strategy: the DeepSpeed config's '{section}' section is not "
+                             "supported by hf_lightning: it builds transformers' optimizer and scheduler from "
+                             f"TrainingArguments; remove '{section}' from the config.")
+    for key in ("train_micro_batch_size_per_gpu", "gradient_clipping"):
+        config.setdefault(key, "auto")
+    hf_config = HfTrainerDeepSpeedConfig(config)
+    hf_config.trainer_config_process(args)  # transformers' own filling, and its error on a contradicting value
+    strategy.config.clear()
+    strategy.config.update(lightning_deepspeed_config(hf_config))
+    return strategy, [DeepSpeedAutoValues(args, hf_config)]
 
 
 # ---------------------------------------------------------------------- DeepSpeed
@@ -109,13 +177,14 @@ class DeepSpeedAutoValues(pl.Callback):
     mismatches between the config and TrainingArguments refused. It runs before Lightning's strategy reads its config.
     """
 
-    def __init__(self, args):
+    def __init__(self, args, hf_config=None):
         self.args = args
+        self.hf_config = hf_config  # a lightning_trainer_kwargs DeepSpeedStrategy's (given_strategy); else deepspeed='s
 
     def setup(self, trainer, pl_module, stage):
         if stage != "fit":
             return
-        hf_config = deepspeed_config(self.args)
+        hf_config = self.hf_config or deepspeed_config(self.args)
         hf_config.trainer_config_finalize(self.args, pl_module.model, trainer.max_steps)
         strategy_config = trainer.strategy.config
         strategy_config.clear()

@@ -57,16 +57,10 @@ def _strategy_name(strategy) -> str:
 
 def check_arguments(args) -> None:
     """The fsdp settings hf_lightning cannot run, each refused naming the field (before any process starts)."""
-    extra = _extra_strategy(args)
-    if extra is not None and "fsdp" in _strategy_name(extra) and not torch.cuda.is_available():
-        raise ValueError(
-            f"lightning_trainer_kwargs strategy={extra!r} is Lightning's FSDPStrategy (FSDP1), which needs CUDA. On "
-            "this machine use FSDP2: TrainingArguments(fsdp=True) (fsdp_config={'version': 2}), or "
-            "strategy=lightning.pytorch.strategies.ModelParallelStrategy(data_parallel_size=<processes>, "
-            "tensor_parallel_size=1)."
-        )
+    extra = _extra_strategy(args)  # one needing CUDA where there is none: gpu_strategies.check_given_strategy
     settings = fsdp_settings(args)
-    sharded = settings is not None or is_model_parallel(extra) or (extra is not None and "fsdp" in _strategy_name(extra))
+    sharded = settings is not None or is_model_parallel(extra) or (
+        extra is not None and any(word in _strategy_name(extra) for word in ("fsdp", "model_parallel")))
     if sharded:
         optim = str(getattr(args.optim, "value", args.optim))
         if optim.endswith("_layerwise") or "lomo" in optim:
@@ -144,10 +138,7 @@ def fsdp_strategy(args, model=None):
     """The Lightning strategy for `fsdp=`: FSDP2 on ModelParallelStrategy, every process one data-parallel shard, as
     many as Lightning's topology runs (a launcher's, or Lightning's own for `lightning_trainer_kwargs` devices);
     FSDP1 (fsdp_config version 1) Lightning's FSDPStrategy, which wraps `model`'s layer classes (CUDA only)."""
-    from datetime import timedelta
-
     from lightning.fabric.plugins.environments import LightningEnvironment
-    from lightning.pytorch.strategies import ModelParallelStrategy
 
     from . import launch
 
@@ -164,6 +155,17 @@ def fsdp_strategy(args, model=None):
             "with `torchrun --nproc_per_node N script.py` (or accelerate launch), N >= 1, or let Lightning start "
             "the processes with lightning_trainer_kwargs={'devices': N}."
         )
+    return model_parallel_strategy(args)
+
+
+def model_parallel_strategy(args):
+    """FSDP2 on ModelParallelStrategy, every process one data-parallel shard, as many as Lightning's topology runs:
+    fsdp=True's strategy, and lightning_trainer_kwargs strategy="model_parallel"'s."""
+    from datetime import timedelta
+
+    from . import launch
+
+    found = launch.topology(_lightning_kwargs(args))
     return FolderModelParallelStrategy(
         data_parallel_size=found.world_size, tensor_parallel_size=1, process_group_backend=args.ddp_backend,
         timeout=timedelta(seconds=args.ddp_timeout),

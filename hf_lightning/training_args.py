@@ -20,7 +20,7 @@ import transformers
 
 from . import launch, sharding
 from .features import feature_callbacks
-from .gpu_strategies import DeepSpeedAutoValues, check_cuda_switches, deepspeed_strategy, uses_deepspeed
+from .gpu_strategies import DeepSpeedAutoValues, check_cuda_switches, deepspeed_strategy, given_strategy, uses_deepspeed
 
 HONOURED = "honoured"
 LIGHTNING = "lightning"
@@ -363,6 +363,9 @@ def translate_arguments(args: transformers.TrainingArguments, model=None) -> dic
         if kwargs["strategy"] == "auto":
             kwargs["strategy"] = "ddp"
     _check_lightning_kwargs(extra)
+    if extra.get("strategy") is not None:  # a Lightning strategy name or object: gpu_strategies.given_strategy
+        extra["strategy"], strategy_callbacks = given_strategy(args, extra["strategy"])
+        kwargs["callbacks"] += strategy_callbacks
     kwargs["callbacks"] += list(extra.pop("callbacks", None) or [])
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.plugins.io import CheckpointIO
@@ -402,10 +405,3 @@ def _check_lightning_kwargs(extra: dict) -> None:
     for key in sorted(owned.keys() & extra.keys()):
         raise ValueError(f"lightning_trainer_kwargs[{key!r}] is set by hf_lightning from TrainingArguments; set "
                          f"TrainingArguments.{owned[key]} instead.")
-    strategy = extra.get("strategy")
-    name = strategy if isinstance(strategy, str) else type(strategy).__name__ if strategy is not None else ""
-    if any(word in name.lower() for word in ("fsdp", "deepspeed")):
-        raise ValueError(
-            f"lightning_trainer_kwargs strategy={strategy!r} is not supported by hf_lightning yet: checkpoints "
-            "(save_pretrained, optimizer.pt) are not written from sharded state. Use DDP."
-        )

@@ -238,6 +238,88 @@ def test_accelerate_launch_fsdp_flags_of_the_guide(tmp_path, cuda, monkeypatch):
     assert type(chosen).__name__ == "FSDPStrategy" and chosen.sharding_strategy == ShardingStrategy.FULL_SHARD
 
 
+# ---------------------------------------------------------------------- lightning_trainer_kwargs={"strategy": ...}
+
+
+def _given(tmp_path, strategy, **fields):
+    return hf_lightning.TrainingArguments(str(tmp_path), report_to="none", lightning_trainer_kwargs={"strategy": strategy},
+                                          **fields)
+
+
+def test_lightning_cuda_strategies_are_refused_on_cpu_naming_them(tmp_path):
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    cases = [("deepspeed_stage_3_offload", r"strategy='deepspeed_stage_3_offload' is Lightning's DeepSpeedStrategy, "
+              r"which needs CUDA.*fsdp=True"),
+             ("fsdp_cpu_offload", r"strategy='fsdp_cpu_offload' is Lightning's FSDPStrategy \(FSDP1\), which needs "
+              r"CUDA.*fsdp=True.*ModelParallelStrategy"),
+             (FSDPStrategy(), r"strategy=<.*FSDPStrategy.*> is Lightning's FSDPStrategy \(FSDP1\), which needs CUDA")]
+    for strategy, fragment in cases:
+        with pytest.raises(ValueError, match=fragment) as err:
+            hf_lightning.Trainer(tiny_bert(), args=_given(tmp_path, strategy), train_dataset=classification_dataset(4))
+        assert "\n" not in str(err.value)
+
+
+@needs_deepspeed
+def test_lightning_deepspeed_name_gets_transformers_semantics(tmp_path, cuda):
+    """A registry name: Lightning's DeepSpeedStrategy, its config given what TrainingArguments says (micro-batch,
+    clipping by max_grad_norm in the engine), the accumulation window left to hf_lightning's step."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    args = _given(tmp_path, "deepspeed_stage_3_offload", per_device_train_batch_size=4, gradient_accumulation_steps=3,
+                  max_grad_norm=0.5)
+    hf_lightning.Trainer(tiny_bert(), args=args, train_dataset=classification_dataset(4))  # accepted where CUDA is
+    kwargs = translate_arguments(args)
+    strategy = kwargs["strategy"]
+    assert isinstance(strategy, DeepSpeedStrategy) and gpu_strategies.is_deepspeed(strategy)
+    config = strategy.config
+    assert config["zero_optimization"]["stage"] == 3
+    assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert config["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert config["train_micro_batch_size_per_gpu"] == 4 and config["gradient_clipping"] == 0.5
+    assert "gradient_accumulation_steps" not in config and "train_batch_size" not in config
+    assert any(isinstance(cb, gpu_strategies.DeepSpeedAutoValues) for cb in kwargs["callbacks"])
+
+
+@needs_deepspeed
+def test_lightning_deepspeed_object_with_auto_values(tmp_path, cuda):
+    """DeepSpeedStrategy(config=...) with transformers' "auto" values: filled as deepspeed= fills them, a value that
+    contradicts TrainingArguments is transformers' error."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    given = DeepSpeedStrategy(config=json.loads(json.dumps(ZERO2)))
+    args = _given(tmp_path, given, per_device_train_batch_size=2, bf16=True)
+    kwargs = translate_arguments(args)
+    assert kwargs["strategy"] is given
+    callback = next(cb for cb in kwargs["callbacks"] if isinstance(cb, gpu_strategies.DeepSpeedAutoValues))
+    import lightning.pytorch as pl
+
+    lightning_trainer = pl.Trainer(max_steps=4, strategy=given, accelerator="cpu", devices=1, logger=False,
+                                   enable_checkpointing=False, enable_progress_bar=False)
+    callback.setup(lightning_trainer, types.SimpleNamespace(model=tiny_bert()), "fit")
+    assert given.config["zero_optimization"]["reduce_bucket_size"] == 16 * 16
+    assert given.config["gradient_clipping"] == 1.0 and given.config["bf16"] == {"enabled": True}
+    assert given.config["train_micro_batch_size_per_gpu"] == 2
+
+    contradicting = DeepSpeedStrategy(config={**ZERO2, "gradient_clipping": 0.3})
+    kwargs = translate_arguments(_given(tmp_path, contradicting))
+    callback = next(cb for cb in kwargs["callbacks"] if isinstance(cb, gpu_strategies.DeepSpeedAutoValues))
+    with pytest.raises(ValueError, match="gradient_clipping=0.3 vs hf max_grad_norm=1.0"):
+        callback.setup(lightning_trainer, types.SimpleNamespace(model=tiny_bert()), "fit")
+    with pytest.raises(ValueError, match="deepspeed is set and lightning_trainer_kwargs strategy="):
+        hf_lightning.Trainer(tiny_bert(), args=hf_lightning.TrainingArguments(
+            str(tmp_path), deepspeed=ZERO2, report_to="none", lightning_trainer_kwargs={"strategy": "deepspeed"}))
+
+
+def test_lightning_fsdp_name_is_lightnings_fsdp_strategy(tmp_path, cuda):
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    args = _given(tmp_path, "fsdp_cpu_offload")
+    hf_lightning.Trainer(tiny_bert(), args=args, train_dataset=classification_dataset(4))  # accepted where CUDA is
+    strategy = translate_arguments(args)["strategy"]
+    assert isinstance(strategy, FSDPStrategy) and strategy.cpu_offload.offload_params is True
+
+
 # ---------------------------------------------------------------------- Liger
 
 

@@ -137,6 +137,17 @@ def test_fsdp2_through_lightnings_own_launcher(runs, tmp_path):
     assert sorted(os.listdir(tmp_path / "checkpoint-8" / "optimizer_0")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
 
 
+def test_model_parallel_strategy_name_is_fsdp2_through_lightnings_launcher(runs, tmp_path):
+    """lightning_trainer_kwargs={"strategy": "model_parallel", "devices": 2}: the fsdp=True run (FolderModelParallel-
+    Strategy, so its checkpoint folders resume through fit(ckpt_path=...) as well), Lightning starting the processes."""
+    proc = subprocess.run([sys.executable, JOB, "mp_name", str(tmp_path), "--devices", "2"], capture_output=True,
+                          text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "STRATEGY FolderModelParallelStrategy" in proc.stdout
+    assert train_entries(tmp_path) == train_entries(runs / "fsdp")
+    assert sorted(os.listdir(tmp_path / "checkpoint-8" / "optimizer_0")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+
+
 def test_lora_on_a_frozen_base_trains_as_ddp_and_resumes_through_both_doors(tmp_path):
     """LoRA under FSDP2 (frozen base and trainable adapters in the same fully_shard units): DDP's losses, grad norms
     and adapters; adapter-only checkpoints (rank 0 writes the consolidated adapters); train(resume_from_checkpoint=)

@@ -134,13 +134,20 @@ def test_not_a_callback(tmp_path):
         hf_lightning.Trainer(tiny_bert(), args=hf_lightning.TrainingArguments(str(tmp_path)), callbacks=[object()])
 
 
-def test_spawning_and_sharded_strategies_are_refused(tmp_path):
+def test_spawning_strategies_are_refused_sharded_ones_translated(tmp_path):
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
     for extra, fragment in (({"devices": 2, "strategy": "ddp_spawn"}, "strategy='ddp'"),
-                            ({"devices": 2, "strategy": "ddp_fork"}, "torchrun"),
-                            ({"strategy": "fsdp"}, "sharded"), ({"strategy": "deepspeed_stage_2"}, "sharded")):
+                            ({"devices": 2, "strategy": "ddp_fork"}, "torchrun")):
         args = hf_lightning.TrainingArguments(str(tmp_path), lightning_trainer_kwargs=extra)
         with pytest.raises(ValueError, match=fragment):
             translate_arguments(args)
+    # Lightning's sharded strategies go through (the CUDA-only ones: tests/test_gpu_strategies.py)
+    given = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)
+    args = hf_lightning.TrainingArguments(str(tmp_path), lightning_trainer_kwargs={"strategy": given})
+    assert translate_arguments(args)["strategy"] is given
+    args = hf_lightning.TrainingArguments(str(tmp_path), lightning_trainer_kwargs={"strategy": "model_parallel"})
+    assert type(translate_arguments(args)["strategy"]).__name__ == "FolderModelParallelStrategy"
 
 
 def test_loop_limits_in_lightning_kwargs_are_refused_naming_the_field(tmp_path):

@@ -26,7 +26,7 @@ import hf_lightning
 from helpers import lm_dataset, tiny_llama
 
 parser = argparse.ArgumentParser()
-parser.add_argument("mode", choices=["fsdp", "ddp", "mp", "options"])
+parser.add_argument("mode", choices=["fsdp", "ddp", "mp", "mp_name", "options"])
 parser.add_argument("output_dir")
 parser.add_argument("--kill-at", type=int)
 parser.add_argument("--resume", action="store_true")
@@ -95,8 +95,11 @@ elif cli.mode == "mp":
     world = int(os.environ["WORLD_SIZE"])
     extra["lightning_trainer_kwargs"] = {
         "strategy": ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)}
+elif cli.mode == "mp_name":  # Lightning's way of naming it: FSDP2 as fsdp=True runs it
+    extra["lightning_trainer_kwargs"] = {"strategy": "model_parallel"}
 if cli.devices:  # no ddp_backend: transformers' TrainingArguments fails with it outside a launcher (gloo on CPU anyway)
-    extra.update(lightning_trainer_kwargs={"devices": cli.devices}, ddp_backend=None)
+    extra.update(lightning_trainer_kwargs={**extra.get("lightning_trainer_kwargs", {}), "devices": cli.devices},
+                 ddp_backend=None)
 args = hf_lightning.TrainingArguments(
     cli.output_dir, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=cli.max_steps,
     logging_steps=1, learning_rate=5e-3, save_steps=2, report_to="none", disable_tqdm=True, use_cpu=True, seed=3,
