@@ -7,8 +7,8 @@
     fsdp_config version 1 (FSDP1)   lightning FSDPStrategy: `fsdp1_strategy(args, model)`, for the FSDP code to call
     accelerate launch --use_fsdp    `launcher_fsdp_plugin_args()`: the FSDP_* environment read as accelerate's
                                     FullyShardedDataParallelPlugin reads it, in transformers' `fsdp_plugin_args` shape
-    lightning_trainer_kwargs        `given_strategy()`: Lightning's DeepSpeed / FSDP names and objects ("deepspeed_stage_3",
-      {"strategy": ...}             FSDPStrategy(...)), a DeepSpeed config completed from TrainingArguments as above
+    lightning_trainer_kwargs        `given_strategy()`: Lightning's DeepSpeed / FSDP names and objects
+      {"strategy": ...}             ("deepspeed_stage_3", FSDPStrategy(...)); a DeepSpeed config completed as above
 
 Lightning's DeepSpeedStrategy and FSDPStrategy refuse anything but CUDA, so on a machine without it each switch is a
 one-line error at `Trainer(...)` time (`check_cuda_switches`), before any process starts.
