@@ -88,8 +88,8 @@ def check_given_strategy(args) -> None:
     if cls is None or not issubclass(cls, (DeepSpeedStrategy, FSDPStrategy)) or not (args.use_cpu or not _cuda()):
         return
     if issubclass(cls, DeepSpeedStrategy):
-        raise ValueError(f"lightning_trainer_kwargs strategy={strategy!r} is Lightning's DeepSpeedStrategy, which needs "
-                         "CUDA GPUs, and this run has none; on CPU use TrainingArguments(fsdp=True) (FSDP2) instead.")
+        raise ValueError(f"lightning_trainer_kwargs strategy={strategy!r} is Lightning's DeepSpeedStrategy, which "
+                         "needs CUDA GPUs, and this run has none; on CPU use TrainingArguments(fsdp=True) (FSDP2).")
     raise ValueError(f"lightning_trainer_kwargs strategy={strategy!r} is Lightning's FSDPStrategy (FSDP1), which needs "
                      "CUDA GPUs, and this run has none; on CPU use FSDP2: TrainingArguments(fsdp=True), or strategy="
                      "ModelParallelStrategy(data_parallel_size=<processes>, tensor_parallel_size=1).")

@@ -242,8 +242,8 @@ def test_accelerate_launch_fsdp_flags_of_the_guide(tmp_path, cuda, monkeypatch):
 
 
 def _given(tmp_path, strategy, **fields):
-    return hf_lightning.TrainingArguments(str(tmp_path), report_to="none", lightning_trainer_kwargs={"strategy": strategy},
-                                          **fields)
+    return hf_lightning.TrainingArguments(str(tmp_path), report_to="none",
+                                          lightning_trainer_kwargs={"strategy": strategy}, **fields)
 
 
 def test_lightning_cuda_strategies_are_refused_on_cpu_naming_them(tmp_path):
