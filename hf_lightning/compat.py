@@ -102,6 +102,16 @@ def no_split_modules(model) -> list[str]:
     return list(getattr(model, "_no_split_modules", None) or [])
 
 
+def resolved_tp_plan(model, tp_size: int) -> dict[str, str]:
+    """The model's tensor-parallel plan with its `*` rules expanded to the concrete module/parameter names that
+    transformers' `apply_tensor_parallelism` takes: what `from_pretrained(tp_plan=...)` computes in
+    `_resolve_parallel_plans` (no public spelling; its public `resolve_parallel_plans` is deprecated and warns)."""
+    from transformers.distributed import DistributedConfig
+
+    tp_plan, _, _ = model._resolve_parallel_plans(DistributedConfig(tp_size=tp_size))
+    return tp_plan
+
+
 def settle_generation_config(model):
     """The model's generation config after a `generate()` in transformers' Seq2SeqTrainer.prediction_step: marked as
     no longer derived from the model config (`_from_model_config`), and with GenerationConfig's default parameters

@@ -116,7 +116,9 @@ def check_batch_fits_model(model, dataloader: DataLoader, description: str) -> N
 def training_plan(args, micro_loader: DataLoader, train_batch_size: int, num_examples: int) -> TrainingPlan:
     """transformers' `set_initial_training_values`: epochs, update steps per epoch, max_steps."""
     ga = args.gradient_accumulation_steps
-    total_batch_size = train_batch_size * ga * args.world_size
+    from .tensor_parallel import data_parallel
+
+    total_batch_size = train_batch_size * ga * data_parallel(args)[0]  # transformers' dp_world_size
     if has_length(micro_loader):
         len_dl = len(micro_loader)
         if len_dl == 0:
@@ -233,7 +235,11 @@ def make_dataloader(args, dataset, collate_fn, batch_size: int, sampler, is_trai
     }
     # each process trains on, and evaluates, its own batches, as accelerate's prepare shards them; evaluation's
     # padded last batches are dropped again by gather_for_metrics (the loader's `remainder`)
-    shard = args.world_size > 1
+    # tensor parallel: the ranks of one TP group share their batches, as accelerate's loaders do
+    from .tensor_parallel import data_parallel
+
+    shards, shard_index = data_parallel(args)
+    shard = shards > 1
     if isinstance(dataset, IterableDataset):
         if shard:
             from transformers.trainer_pt_utils import IterableDatasetShard
@@ -246,7 +252,7 @@ def make_dataloader(args, dataset, collate_fn, batch_size: int, sampler, is_trai
 
             dataset = IterableDatasetShard(
                 dataset, batch_size=batch_size, drop_last=args.dataloader_drop_last,
-                num_processes=args.world_size, process_index=args.process_index, seed=args.seed,
+                num_processes=shards, process_index=shard_index, seed=args.seed,
             )
         return TrainerDataLoader(dataset, **params)
     if is_training:
@@ -265,7 +271,7 @@ def make_dataloader(args, dataset, collate_fn, batch_size: int, sampler, is_trai
         del params["batch_size"]
         # split_batches: each process takes its slice of every batch; even_batches=False: the last ones may differ
         params["batch_sampler"] = BatchSamplerShard(
-            batches, args.world_size, args.process_index, split_batches=_accelerator_config(args, "split_batches", False),
+            batches, shards, shard_index, split_batches=_accelerator_config(args, "split_batches", False),
             even_batches=_accelerator_config(args, "even_batches", True),
         )
         return TrainerDataLoader(dataset, **params)
@@ -381,7 +387,9 @@ def num_items_in_batch(batches: list, shifts_labels: bool, args, strategy=None):
         return None
     if args.average_tokens_across_devices and strategy is not None and getattr(strategy, "world_size", 1) > 1:
         num_items = strategy.reduce(num_items, reduce_op="sum")
-    return num_items / 1
+    from .tensor_parallel import tp_size
+
+    return num_items / tp_size(args)  # transformers: the tp_size ranks of a batch counted it tp_size times
 
 
 def count_items(batches: list, shifts_labels: bool) -> torch.Tensor | None:

@@ -174,7 +174,7 @@ class TransformersModule(pl.LightningModule):
         elif hasattr(wrapped, "clip_grad_norm_"):  # FSDP shards the gradients: it owns the norm
             grad_norm = wrapped.clip_grad_norm_(max_norm)
         else:  # FSDP2's DTensor gradients included: the total norm is reduced across ranks
-            grad_norm = sharding.finite_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+            grad_norm = sharding.clip_grad_norm(self.model, max_norm)
         if self.flow is not None:
             self.flow.grad_norm = grad_norm
         self.run_state.on_pre_optimizer_step()

@@ -109,6 +109,7 @@ def build_optimizer(optimizer_cls, model, decay: set[str], args, optimizer_kwarg
             "weight_decay": 0.0,
         },
     ]
+    groups = _split_by_mesh(groups)
     optimizer_kwargs = dict(optimizer_kwargs)
     for key in ("params", "model", "optimizer_dict"):
         if key in optimizer_kwargs:
@@ -117,6 +118,24 @@ def build_optimizer(optimizer_cls, model, decay: set[str], args, optimizer_kwarg
         return optimizer_cls(groups, **optimizer_kwargs)
     with _CudaCallsStayPut():
         return optimizer_cls(groups, **optimizer_kwargs)
+
+
+def _split_by_mesh(groups: list[dict]) -> list[dict]:
+    """transformers' create_optimizer: parameters on different device meshes (tensor parallel beside replicated ones)
+    cannot share one foreach/fused kernel call, so each mesh gets its own parameter group."""
+    from transformers.trainer_optimizer import has_mixed_dtensor
+
+    if not has_mixed_dtensor(p for group in groups for p in group["params"]):
+        return groups
+    from torch.distributed.tensor import DTensor
+
+    split = []
+    for group in groups:
+        by_mesh: dict = {}
+        for p in group["params"]:
+            by_mesh.setdefault(p.device_mesh if isinstance(p, DTensor) else None, []).append(p)
+        split.extend({**group, "params": params} for params in by_mesh.values())
+    return split
 
 
 def build_scheduler(args, optimizer, num_training_steps: int):

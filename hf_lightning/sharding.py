@@ -121,7 +121,10 @@ def wrap_class_names(args, model) -> list[str]:
 
 
 def check_model(args, model) -> None:
-    """fsdp_config's transformer_layer_cls_to_wrap must name layer classes the model has."""
+    """fsdp_config's transformer_layer_cls_to_wrap must name layer classes the model has; a tp_size needs a tp plan."""
+    from .tensor_parallel import check_model as check_tp_model
+
+    check_tp_model(args, model)
     if fsdp_settings(args) is None:
         return
     present = {type(module).__name__ for module in model.modules()}
@@ -202,9 +205,12 @@ class FolderModelParallelStrategy(_model_parallel_strategy_class()):
 
 
 def is_sharded(model) -> bool:
+    """Whether `model` holds sharded (FSDP2 or tensor-parallel DTensor) parameters."""
     from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
 
-    return isinstance(model, FSDPModule)
+    # tensor parallel alone leaves no FSDPModule, only DTensor parameters: the same checkpoint path applies
+    return isinstance(model, FSDPModule) or any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def configure_model(module) -> None:
@@ -223,13 +229,19 @@ def configure_model(module) -> None:
     from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
     mesh = strategy.device_mesh
-    if mesh["tensor_parallel"].size() != 1:
-        raise ValueError(
-            f"ModelParallelStrategy with tensor_parallel_size={mesh['tensor_parallel'].size()}: hf_lightning shards "
-            "with FSDP2 only (no tensor-parallel plan is applied). Pass ModelParallelStrategy(data_parallel_size="
-            f"{mesh.size()}, tensor_parallel_size=1)."
-        )
     args = module.run_state.args
+    if mesh["tensor_parallel"].size() != 1:
+        from . import tensor_parallel
+
+        if tensor_parallel.tp_size(args) != mesh["tensor_parallel"].size():
+            raise ValueError(  # the loaders, token counts and loss scale follow parallelism_config's tp_size
+                f"ModelParallelStrategy with tensor_parallel_size={mesh['tensor_parallel'].size()} in "
+                "lightning_trainer_kwargs: ask for tensor parallelism with TrainingArguments(parallelism_config="
+                "accelerate.ParallelismConfig(tp_size=N)) instead, or pass tensor_parallel_size=1."
+            )
+        tensor_parallel.apply(model, mesh)
+        if mesh["data_parallel"].size() == 1:
+            return
     settings = fsdp_settings(args) or {}
     if settings.get("activation_checkpointing"):
         if not hasattr(model, "gradient_checkpointing_enable"):
@@ -263,6 +275,27 @@ def finite_norm(grad_norm):
     from torch.distributed.tensor import DTensor
 
     return grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
+
+
+def clip_grad_norm(model, max_norm: float):
+    """The total gradient norm, clipped to `max_norm`. Gradients on different device meshes (tensor-parallel DTensors
+    beside replicated tensors) cannot share one `clip_grad_norm_`: as transformers' `_mixed_mesh_grad_norm`, one
+    norm per mesh (each reduced over its mesh), combined, then every group clipped with it."""
+    from torch.distributed.tensor import DTensor
+    from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+
+    by_mesh: dict = {}
+    for p in model.parameters():
+        if p.grad is not None:
+            by_mesh.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
+    if len(by_mesh) <= 1:
+        return finite_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+    norms = [finite_norm(get_total_norm([p.grad for p in params])) for params in by_mesh.values()]
+    total_norm = torch.linalg.vector_norm(torch.stack(norms))
+    if max_norm != float("inf"):
+        for params in by_mesh.values():
+            clip_grads_with_norm_(params, max_norm, total_norm)
+    return total_norm
 
 
 # ---------------------------------------------------------------------- checkpoints

@@ -114,7 +114,9 @@ def compute_loss(model, inputs, num_items_in_batch, *, label_smoother, compute_l
                 f"(it holds {', '.join(inputs.keys())}). Add a `labels` column or set `label_names`."
             )
     if args.average_tokens_across_devices and (model_accepts_loss_kwargs or compute_loss_func) and num_items_in_batch is not None:
-        loss = loss * args.world_size
+        from .tensor_parallel import data_parallel
+
+        loss = loss * data_parallel(args)[0]  # transformers: num_processes // tp_size
     return loss, outputs
 
 

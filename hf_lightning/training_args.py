@@ -18,7 +18,7 @@ from typing import Any
 
 import transformers
 
-from . import launch, sharding
+from . import launch, sharding, tensor_parallel
 from .features import feature_callbacks
 from .gpu_strategies import DeepSpeedAutoValues, check_cuda_switches, deepspeed_strategy, given_strategy, uses_deepspeed
 
@@ -123,7 +123,8 @@ FIELD_POLICY: dict[str, tuple[str, str]] = {
     "accelerator_config": (HONOURED, "data.py samplers/shards (split_batches, even_batches, use_seedable_sampler); "
                            "gradient_accumulation_kwargs num_steps / sync_each_batch; non_blocking (Lightning copies "
                            "to accelerators non-blocking anyway); other sub-fields refused by check_accelerator_config"),
-    "parallelism_config": (UNSUPPORTED, "use lightning_trainer_kwargs={'strategy': ...}"),
+    "parallelism_config": (LIGHTNING, "tensor_parallel.py: tp_size (the model's tp plan) and dp_shard_size (FSDP2) "
+                           "→ ModelParallelStrategy; dp_replicate_size/cp_size/sp_size refused"),
     "dataloader_drop_last": (HONOURED, "DataLoader(drop_last=...)"),
     "dataloader_num_workers": (HONOURED, "DataLoader(num_workers=...)"),
     "dataloader_pin_memory": (HONOURED, "DataLoader(pin_memory=...)"),
@@ -226,6 +227,7 @@ def check_supported(args: transformers.TrainingArguments) -> None:
     """Raise a ValueError naming the first field set to a value hf_lightning does not support yet."""
     check_cuda_switches(args)  # first: a combination (deepspeed + fsdp) is named as such
     sharding.check_arguments(args)
+    tensor_parallel.check_arguments(args)
     for name, (policy, why) in FIELD_POLICY.items():
         if not hasattr(args, name):
             continue
@@ -311,6 +313,8 @@ def _strategy(args: transformers.TrainingArguments, model=None) -> Any:
     """DDP options only matter when more than one process trains; 'auto' otherwise. fsdp: sharding.py."""
     if uses_deepspeed(args):
         return deepspeed_strategy(args)
+    if tensor_parallel.tp_size(args) > 1:
+        return tensor_parallel.strategy(args)
     if sharding.fsdp_settings(args) is not None:
         return sharding.fsdp_strategy(args, model)
     ddp_options = {

@@ -205,6 +205,14 @@ def test_no_split_modules_are_the_layer_classes_of_a_transformers_model():
     assert compat.no_split_modules(torch.nn.Linear(2, 2)) == []
 
 
+def test_resolved_tp_plan_expands_the_models_plan_to_concrete_names():
+    from helpers import tiny_llama
+
+    plan = compat.resolved_tp_plan(tiny_llama(), 2)
+    assert plan["model.layers.0.self_attn.q_proj.weight"] == "colwise"
+    assert plan["model.layers.0.mlp.down_proj"] == "rowwise" and not any("*" in name for name in plan)
+
+
 def test_settle_generation_config_marks_it_and_fills_generate_defaults():
     config = transformers.T5Config(vocab_size=8, d_model=8, d_kv=4, d_ff=8, num_layers=1, num_heads=2,
                                    decoder_start_token_id=0)

@@ -4,7 +4,8 @@
     python fsdp_job.py MODE OUTPUT_DIR --devices 2   # Lightning's own launcher starts the second process
 
 MODE: fsdp (TrainingArguments(fsdp=True)), ddp (the same run without it), mp (a ModelParallelStrategy passed in
-lightning_trainer_kwargs), options (the legacy string "full_shard auto_wrap" and the other fsdp_config switches, rank 1
+lightning_trainer_kwargs), tp (parallelism_config tp_size=2: the model's tp plan), single (one process
+without a launcher: `python fsdp_job.py single OUT`), options (the legacy string "full_shard auto_wrap" and the other fsdp_config switches, rank 1
 starting from other weights that cpu_ram_efficient_loading replaces by rank 0's). --kill-at S: rank 0 SIGKILLs itself at the end of step S, before that step's save
 (torchrun then ends rank 1). --lora: a LoRA-wrapped model (frozen base, trainable adapters).
 Writes history.json, final/ (save_model, called on every rank as with transformers under FSDP) and
@@ -26,7 +27,7 @@ import hf_lightning
 from helpers import lm_dataset, tiny_llama
 
 parser = argparse.ArgumentParser()
-parser.add_argument("mode", choices=["fsdp", "ddp", "mp", "mp_name", "options"])
+parser.add_argument("mode", choices=["fsdp", "ddp", "mp", "mp_name", "options", "tp", "single"])
 parser.add_argument("output_dir")
 parser.add_argument("--kill-at", type=int)
 parser.add_argument("--resume", action="store_true")
@@ -97,6 +98,12 @@ elif cli.mode == "mp":
         "strategy": ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)}
 elif cli.mode == "mp_name":  # Lightning's way of naming it: FSDP2 as fsdp=True runs it
     extra["lightning_trainer_kwargs"] = {"strategy": "model_parallel"}
+elif cli.mode == "tp":
+    from accelerate import ParallelismConfig
+
+    extra["parallelism_config"] = ParallelismConfig(tp_size=2)
+elif cli.mode == "single":
+    extra["ddp_backend"] = None  # transformers' TrainingArguments refuses a backend outside a launcher
 if cli.devices:  # no ddp_backend: transformers' TrainingArguments fails with it outside a launcher (gloo on CPU anyway)
     extra.update(lightning_trainer_kwargs={**extra.get("lightning_trainer_kwargs", {}), "devices": cli.devices},
                  ddp_backend=None)
