@@ -136,7 +136,7 @@ _MISSING_ATTRIBUTES = {
     "trackers": "use trainer.lightning_trainer.loggers",
     "deepspeed_engine_wrapped": "use trainer.lightning_trainer.model (Lightning's DeepSpeedStrategy wraps the model)",
     "deepspeed_config": "use trainer.lightning_trainer.strategy.config (Lightning's DeepSpeedStrategy)",
-    "parallelism_config": "use a Lightning ModelParallelStrategy (TrainingArguments.lightning_trainer_kwargs)",
+    "parallelism_config": "read trainer.args.parallelism_config (applied by hf_lightning/tensor_parallel.py)",
     "torch_device_mesh": "use trainer.lightning_trainer.strategy.device_mesh (Lightning's ModelParallelStrategy)",
     "autocast_handler": "pass an AutocastKwargs to accelerator.autocast(...)",
     "native_amp": "read accelerator.mixed_precision",
