@@ -132,6 +132,15 @@ def transformers_push_from_checkpoint() -> Callable[[Any, str], None]:
     return Trainer._push_from_checkpoint
 
 
+def mixed_mesh_grad_norm(model, max_norm: float):
+    """transformers.Trainer._mixed_mesh_grad_norm: the gradient norm (and clip) when gradients live on different
+    device meshes (tensor-parallel DTensors beside replicated tensors), which one clip_grad_norm_ cannot span. It reads
+    only its arguments, so it runs without a transformers Trainer."""
+    from transformers.trainer import Trainer
+
+    return Trainer._mixed_mesh_grad_norm(None, model, max_norm)
+
+
 def transformers_finish_current_push() -> Callable[[Any], None]:
     """transformers.Trainer._finish_current_push (wait for the push in progress), which ends transformers' train()."""
     from transformers.trainer import Trainer

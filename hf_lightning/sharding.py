@@ -279,23 +279,17 @@ def finite_norm(grad_norm):
 
 def clip_grad_norm(model, max_norm: float):
     """The total gradient norm, clipped to `max_norm`. Gradients on different device meshes (tensor-parallel DTensors
-    beside replicated tensors) cannot share one `clip_grad_norm_`: as transformers' `_mixed_mesh_grad_norm`, one
-    norm per mesh (each reduced over its mesh), combined, then every group clipped with it."""
+    beside replicated tensors) cannot share one `clip_grad_norm_`: transformers' own mixed-mesh norm then (one norm per
+    mesh, each reduced over its mesh, combined, every group clipped with it)."""
     from torch.distributed.tensor import DTensor
-    from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
-    by_mesh: dict = {}
-    for p in model.parameters():
-        if p.grad is not None:
-            by_mesh.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
-    if len(by_mesh) <= 1:
+    meshes = {p.grad.device_mesh if isinstance(p.grad, DTensor) else None
+              for p in model.parameters() if p.grad is not None}
+    if len(meshes) <= 1:
         return finite_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-    norms = [finite_norm(get_total_norm([p.grad for p in params])) for params in by_mesh.values()]
-    total_norm = torch.linalg.vector_norm(torch.stack(norms))
-    if max_norm != float("inf"):
-        for params in by_mesh.values():
-            clip_grads_with_norm_(params, max_norm, total_norm)
-    return total_norm
+    from .compat import mixed_mesh_grad_norm
+
+    return mixed_mesh_grad_norm(model, max_norm)
 
 
 # ---------------------------------------------------------------------- checkpoints

@@ -241,3 +241,17 @@ def test_script_command_reruns_this_script():
     command = compat.script_command()  # pytest runs as `python -m pytest` or as its own script
     assert command in ([sys.executable, os.path.abspath(sys.argv[0]), *sys.argv[1:]],
                        [sys.executable, "-m", "pytest.__main__", *sys.argv[1:]])
+
+
+def test_mixed_mesh_grad_norm_norms_and_clips_what_it_is_given():
+    """sharding.clip_grad_norm's tensor-parallel path borrows transformers.Trainer._mixed_mesh_grad_norm (self unused):
+    with plain gradients (one mesh: None) it is the total norm, and it clips to max_norm."""
+    layer = torch.nn.Linear(3, 2)
+    for p in layer.parameters():
+        p.grad = torch.ones_like(p)
+    expected = torch.nn.utils.get_total_norm([p.grad for p in layer.parameters()])
+    assert torch.allclose(compat.mixed_mesh_grad_norm(layer, float("inf")), expected)
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in layer.parameters())
+    compat.mixed_mesh_grad_norm(layer, 0.5)
+    assert torch.allclose(torch.nn.utils.get_total_norm([p.grad for p in layer.parameters()]), torch.tensor(0.5),
+                          atol=1e-5)
