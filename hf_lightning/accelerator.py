@@ -440,7 +440,12 @@ class LightningAccelerator:
         """Gather the tensors of a nested list/tuple/dict from all processes, concatenated on dim 0 in rank order (a
         0-dim tensor becomes one element per process). Every process gets the result; shapes must match (use
         `pad_across_processes` first for ragged ones)."""
-        if self.num_processes == 1:
+        return self._gather(tensor, None)
+
+    def _gather(self, tensor, group):
+        """`gather` over the processes of `group` (a torch.distributed group; None: all)."""
+        processes = self.num_processes if group is None else torch.distributed.get_world_size(group)
+        if processes == 1:
             return tensor
         strategy = self._strategy_for_collectives()
 
@@ -448,25 +453,48 @@ class LightningAccelerator:
             if t.ndim == 0:
                 t = t[None]
             if strategy is not None:
-                gathered = strategy.all_gather(t)  # (world_size, *t.shape)
+                gathered = strategy.all_gather(t, group=group)  # (processes, *t.shape)
             else:
-                parts = [torch.empty_like(t) for _ in range(self.num_processes)]
-                torch.distributed.all_gather(parts, t.contiguous())
+                parts = [torch.empty_like(t) for _ in range(processes)]
+                torch.distributed.all_gather(parts, t.contiguous(), group=group)
                 gathered = torch.stack(parts)
             return gathered.reshape(-1, *t.shape[1:])
 
         return _nested_map(_gather_one, tensor)
 
+    def gather_data_parallel(self, tensor):
+        """hf_lightning's own (accelerate has none): `gather` over the data-parallel ranks only. Under tensor
+        parallelism the ranks of one TP group evaluate the same samples; gathering from all of them would count each
+        sample tp_size times. Without tensor parallelism: `gather`."""
+        return self._gather(tensor, self._data_parallel_group())
+
+    def _data_parallel_group(self):
+        """The process group of this rank's data-parallel peers under a ModelParallelStrategy with tensor parallelism
+        (its mesh's "data_parallel" dimension), None otherwise (all processes are data-parallel peers)."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        trainer = self._get_trainer()
+        strategy = getattr(trainer, "strategy", None)
+        if not isinstance(strategy, ModelParallelStrategy) or not _dist_ready():
+            return None
+        mesh = strategy.device_mesh
+        return mesh["data_parallel"].get_group() if mesh["tensor_parallel"].size() > 1 else None
+
     def gather_object(self, obj: Any) -> list | Any:
         """All processes' picklable objects in rank order, as accelerate's `gather_object`: lists and tuples are
         concatenated, a tensor contributes its rows; any other object is one entry per process. One process: `obj`
         as it is."""
-        if self.num_processes == 1:
+        return self._gather_object(obj, None)
+
+    def _gather_object(self, obj: Any, group) -> list | Any:
+        """`gather_object` over the processes of `group` (a torch.distributed group; None: all)."""
+        processes = self.num_processes if group is None else torch.distributed.get_world_size(group)
+        if processes == 1:
             return obj
         strategy = self._strategy_for_collectives()
         if _dist_ready():
-            gathered = [None] * self.num_processes
-            torch.distributed.all_gather_object(gathered, obj)
+            gathered = [None] * processes
+            torch.distributed.all_gather_object(gathered, obj, group=group)
         else:  # a strategy without a torch.distributed group (XLA): one broadcast per process
             gathered = [strategy.broadcast(obj, src=rank) for rank in range(self.num_processes)]
         result = []
@@ -480,14 +508,16 @@ class LightningAccelerator:
     def gather_for_metrics(self, input_data, use_gather_object: bool = False):
         """`gather` (tensors) or `gather_object` (anything else, or `use_gather_object=True`), then, as accelerate,
         on the last batch of an evaluation only its first `remainder` rows: the samples that the sharded loader
-        repeated to give every process a full last batch are dropped."""
+        repeated to give every process a full last batch are dropped. Under tensor parallelism only the
+        data-parallel ranks are gathered (the ranks of one TP group hold the same samples): each sample once."""
         try:
             recursively_apply(lambda x: x, input_data, error_on_other_type=True)
             all_tensors = True
         except TypeError:
             all_tensors = False
         use_gather_object = use_gather_object or not all_tensors
-        data = self.gather_object(input_data) if use_gather_object else self.gather(input_data)
+        group = self._data_parallel_group()
+        data = self._gather_object(input_data, group) if use_gather_object else self._gather(input_data, group)
         if not self.end_of_dataloader or self.remainder <= 0:
             return data
         try:

@@ -87,7 +87,7 @@ class EvaluationRun:
         accelerator.end_of_dataloader = self.steps + 1 == num_batches
         accelerator.remainder = self.remainder
         if hooks._keep_padded_eval_losses:  # Seq2SeqTrainer gathers with a gather that drops no samples
-            gather = accelerator.gather
+            gather = accelerator.gather_data_parallel
         else:
             gather = partial(accelerator.gather_for_metrics, use_gather_object=args.eval_use_gather_object)
         main_input_name = getattr(model, "main_input_name", "input_ids")

@@ -55,6 +55,13 @@ def test_tp2_checkpoints_hold_consolidated_weights(runs):
     assert loaded.model.layers[0].mlp.up_proj.weight.shape == tiny_llama().model.layers[0].mlp.up_proj.weight.shape
 
 
+def test_tp2_evaluation_counts_each_row_once(runs):
+    # the two TP ranks evaluate the same rows: gathering from both would hand compute_metrics 74
+    tp, single = (json.load(open(runs / name / "eval.json")) for name in ("tp", "single"))
+    assert tp["eval_rows"] == 37 and tp["eval_first_labels"] == single["eval_first_labels"]
+    assert tp["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-5)
+
+
 def test_tp2_resume_is_exact(runs, tmp_path):
     shutil.copytree(runs / "tp" / "checkpoint-4", tmp_path / "checkpoint-4")
     torchrun(2, "tp", tmp_path, "--resume")

@@ -8,8 +8,9 @@ lightning_trainer_kwargs), tp (parallelism_config tp_size=2: the model's tp plan
 without a launcher: `python fsdp_job.py single OUT`), options (the legacy string "full_shard auto_wrap" and the other fsdp_config switches, rank 1
 starting from other weights that cpu_ram_efficient_loading replaces by rank 0's). --kill-at S: rank 0 SIGKILLs itself at the end of step S, before that step's save
 (torchrun then ends rank 1). --lora: a LoRA-wrapped model (frozen base, trainable adapters).
-Writes history.json, final/ (save_model, called on every rank as with transformers under FSDP) and
-numel_<rank>.json (this rank's local parameter and optimizer-state element counts).
+Writes history.json, final/ (save_model, called on every rank as with transformers under FSDP), eval.json
+(tp and single: evaluate() of 37 rows) and numel_<rank>.json (this rank's local parameter and optimizer-state
+element counts).
 """
 
 import argparse
@@ -110,13 +111,22 @@ if cli.devices:  # no ddp_backend: transformers' TrainingArguments fails with it
 args = hf_lightning.TrainingArguments(
     cli.output_dir, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=cli.max_steps,
     logging_steps=1, learning_rate=5e-3, save_steps=2, report_to="none", disable_tqdm=True, use_cpu=True, seed=3,
-    max_grad_norm=0.5, **({"ddp_backend": "gloo"} | extra),
+    max_grad_norm=0.5, per_device_eval_batch_size=1, **({"ddp_backend": "gloo"} | extra),
 )
 os.makedirs(cli.output_dir, exist_ok=True)
 callbacks = [LocalNumel()] + ([KillAt()] if cli.kill_at else []) + ([DumpAtBegin()] if cli.dump_at_begin else [])
-trainer = hf_lightning.Trainer(model, args=args, train_dataset=lm_dataset(40), callbacks=callbacks)
+evaluation = {}
+if cli.mode in ("tp", "single"):  # 37 rows, one per batch: each TP rank evaluates them all, compute_metrics sees 37
+    evaluation = dict(eval_dataset=lm_dataset(37, seed=1),
+                      compute_metrics=lambda p: {"rows": len(p.label_ids), "first_labels": p.label_ids[:, 0].tolist()})
+trainer = hf_lightning.Trainer(model, args=args, train_dataset=lm_dataset(40), callbacks=callbacks, **evaluation)
 trainer.train(resume_from_checkpoint=True if cli.resume else None)
 trainer.save_model(os.path.join(cli.output_dir, "final"))
+if evaluation:
+    metrics = trainer.evaluate()
+    if trainer.is_world_process_zero():
+        with open(os.path.join(cli.output_dir, "eval.json"), "w") as f:
+            json.dump(metrics, f)
 if cli.lightning_door:
     trainer.lightning_trainer.fit(trainer.lightning_module, ckpt_path=cli.lightning_door)
     trainer.save_model(os.path.join(cli.output_dir, "final_door"))
