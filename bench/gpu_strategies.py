@@ -8,6 +8,11 @@ No `datasets` (the data are tensors); DeepSpeed rows are skipped when the packag
 
     python bench/gpu_strategies.py [--steps 30] [--timeout 75] [--budget 450]
     python bench/gpu_strategies.py --worker hl zero2 --out result.json   # one row, inside torchrun
+
+First, per strategy in RESUME_STRATEGIES (FSDP1, ZeRO-2, ZeRO-3; any number of GPUs, one included), a resume check
+through hf_lightning on a small Llama: train RESUME_STEPS steps saving at half way, resume a new Trainer from that
+checkpoint, compare the final loss and weights with the uninterrupted run, and from_pretrained the checkpoint's
+model.safetensors; one line per strategy.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import tempfile
 import time
 
 STRATEGIES = ["ddp", "fsdp1", "fsdp2", "zero2", "zero3"]
+RESUME_STRATEGIES = ["fsdp1", "zero2", "zero3"]
+RESUME_STEPS = 8
 FRAMEWORKS = ["hl", "hf"]
 TOKENS, SEQ = 16 * 1024, 1024
 
@@ -85,13 +92,59 @@ def worker(framework: str, strategy: str, steps: int, out: str) -> None:
             json.dump(result, f)
 
 
+def resume_worker(strategy: str, steps: int, out: str) -> None:
+    """Uninterrupted run saving at steps/2 and steps, then a new Trainer resumed from checkpoint-<steps/2>."""
+    import safetensors.torch
+    import torch
+    import transformers
+
+    from hf_lightning import Trainer, TrainingArguments
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    seq, per_device = 256, max(8 // world, 1)
+    config = transformers.LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=seq)
+    ids = torch.randint(0, 4096, (per_device * world * steps, seq), generator=torch.Generator().manual_seed(1))
+    rows = [{"input_ids": ids[i], "labels": ids[i]} for i in range(len(ids))]
+    root = os.path.join(tempfile.gettempdir(), f"gpu-resume-{strategy}")
+
+    def run(name: str, resume: str | None = None):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(config)
+        args = TrainingArguments(os.path.join(root, name), per_device_train_batch_size=per_device, max_steps=steps,
+                                 bf16=True, logging_steps=1, save_strategy="steps", save_steps=steps // 2,
+                                 report_to="none", disable_tqdm=True, learning_rate=1e-3, seed=0,
+                                 **strategy_arguments(strategy))
+        trainer = Trainer(model, args=args, train_dataset=rows)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, [e["loss"] for e in trainer.state.log_history if "loss" in e]
+
+    shutil.rmtree(root, ignore_errors=True)
+    straight, losses = run("straight")
+    half = os.path.join(root, "straight", f"checkpoint-{steps // 2}")
+    resumed, resumed_losses = run("resumed", resume=half)
+    if not straight.is_world_process_zero():
+        return
+    final = [safetensors.torch.load_file(os.path.join(root, name, f"checkpoint-{steps}", "model.safetensors"))
+             for name in ("straight", "resumed")]
+    weight_diff = max((final[0][k].float() - final[1][k].float()).abs().max().item() for k in final[0])
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(half)
+    half_weights = safetensors.torch.load_file(os.path.join(half, "model.safetensors"))
+    loaded_ok = all(torch.equal(loaded.state_dict()[k].to(v.dtype), v) for k, v in half_weights.items())
+    with open(out, "w") as f:
+        json.dump({"strategy": strategy, "processes": world, "files": sorted(os.listdir(half)),
+                   "loss": losses[-1], "resumed_loss": resumed_losses[-1], "weights_max_diff": weight_diff,
+                   "from_pretrained": loaded_ok, "params": sum(v.numel() for v in half_weights.values())}, f)
+
+
 def run_row(framework: str, strategy: str, steps: int, gpus: int, timeout: float) -> dict | str:
     """One row in its own torchrun; the result, or the reason it failed (its last error line)."""
     torchrun = shutil.which("torchrun") or shutil.which("torchrun", path=os.path.dirname(sys.executable))
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
-        cmd = [torchrun, "--standalone", "--nproc_per_node", str(gpus), os.path.abspath(__file__),
-               "--worker", framework, strategy, "--steps", str(steps), "--out", out]
+        worker_args = ["--resume-worker", strategy] if framework == "resume" else ["--worker", framework, strategy]
+        cmd = [torchrun, "--standalone", "--nproc_per_node", str(gpus), os.path.abspath(__file__), *worker_args,
+               "--steps", str(steps), "--out", out]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -125,10 +178,15 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=450, help="seconds for all rows; later rows are skipped")
     parser.add_argument("--strategies", nargs="+", default=STRATEGIES)
     parser.add_argument("--worker", nargs=2, metavar=("FRAMEWORK", "STRATEGY"))
+    parser.add_argument("--resume-worker", metavar="STRATEGY")
+    parser.add_argument("--resume-budget", type=float, default=150, help="seconds for the resume checks (first)")
     parser.add_argument("--out")
     opts = parser.parse_args()
     if opts.worker:
         worker(*opts.worker, opts.steps, opts.out)
+        return 0
+    if opts.resume_worker:
+        resume_worker(opts.resume_worker, opts.steps, opts.out)
         return 0
     import torch
 
@@ -140,6 +198,22 @@ def main() -> int:
           f"{TOKENS} tokens per step, bf16")
     has_deepspeed = importlib.util.find_spec("deepspeed") is not None
     start = time.time()
+    for strategy in RESUME_STRATEGIES:
+        if strategy.startswith("zero") and not has_deepspeed:
+            print(f"resume {strategy}: skipped: deepspeed is not installed (WHEELS=dir with its wheel)")
+            continue
+        if time.time() - start > opts.resume_budget:
+            print(f"resume {strategy}: skipped: the {opts.resume_budget:.0f} s budget is spent")
+            continue
+        r = run_row("resume", strategy, RESUME_STEPS, gpus, opts.timeout)
+        if isinstance(r, str):
+            print(f"resume {strategy}: FAILED: {r}")
+            continue
+        folder = "+".join(n for n in ("model.safetensors", "latest", "optimizer_0") if n in r["files"])
+        print(f"resume {strategy} ({r['processes']} proc): checkpoint-{RESUME_STEPS // 2} holds {folder}; final loss "
+              f"{r['loss']:.5f} straight vs {r['resumed_loss']:.5f} resumed (diff {abs(r['loss'] - r['resumed_loss']):.1e}),"
+              f" weights max|diff| {r['weights_max_diff']:.1e}, from_pretrained "
+              f"{'ok' if r['from_pretrained'] else 'MISMATCH'} ({r['params'] / 1e6:.1f}M)", flush=True)
     results: dict = {}
     for strategy in opts.strategies:
         for framework in FRAMEWORKS:

@@ -40,7 +40,7 @@ from transformers.trainer_utils import (
     sort_checkpoints,
 )
 
-from . import adapters, compat, sharding
+from . import adapters, compat, gpu_checkpoints, sharding
 from .background_save import BackgroundSave, SnapshotBuffers, snapshots_model
 from .optimizers import OptimizerQuirks, optimizer_state_globals
 from .run import RunState, TrainerHooks, TrainingPlan
@@ -113,7 +113,9 @@ def missing_training_state(folder: str, args) -> list[str]:
     rng_names = [n for n in os.listdir(folder) if re.fullmatch(r"rng_state(_\d+)?\.pth", n)]
     missing = [n for n in (OPTIMIZER_NAME, SCHEDULER_NAME) if not os.path.isfile(os.path.join(folder, n))]
     if OPTIMIZER_NAME in missing and os.path.isdir(os.path.join(folder, sharding.OPTIMIZER_DIR)):
-        missing.remove(OPTIMIZER_NAME)  # written from sharded state (FSDP2), as a DCP folder
+        missing.remove(OPTIMIZER_NAME)  # written from sharded state (FSDP2, FSDP1), as a DCP folder
+    if OPTIMIZER_NAME in missing and gpu_checkpoints.has_engine_checkpoint(folder):
+        missing.remove(OPTIMIZER_NAME)  # in DeepSpeed's own checkpoint (global_stepN/), as transformers writes it
     if not rng_names:
         missing.append(_rng_file(args))
     model_only = len(missing) == 3 and not os.path.isfile(os.path.join(folder, LIGHTNING_CKPT_NAME))
@@ -150,7 +152,8 @@ def model_folder_writer(hooks: TrainerHooks, output_dir: str, final_dir: str | N
     them now and the function writes the copy; a model whose weights are not copied (see `snapshots_model`) is written
     now."""
     model, processing_class, args = hooks.model, hooks.processing_class, hooks.args
-    weights = sharding.full_state_dict(model) if sharding.is_sharded(model) else None
+    weights = sharding.full_state_dict(model) if sharding.is_sharded(model) else (
+        gpu_checkpoints.full_state_dict(gpu_checkpoints.strategy_of(hooks), model, output_dir))  # ZeRO-3, FSDP1
     if not args.should_save:
         return lambda: None
     OptimizerQuirks(hooks.optimizer).eval()
@@ -260,6 +263,7 @@ def save_checkpoint(hooks: TrainerHooks, run: RunState, lightning_trainer, trial
     strategy.barrier("hf_lightning.save_checkpoint.start")
     if hooks.hp_search_backend is None and trial is None:  # as transformers: a trial's flos move at logs only
         run.store_flos(strategy)
+    engine_saved = not args.save_only_model and gpu_checkpoints.save_engine_checkpoint(strategy, hooks.model, tmp_dir)
     write_model = model_folder_writer(hooks, tmp_dir, final_dir, buffers)  # gathers a sharded model on every rank
     if state.best_global_step and args.save_strategy in ("steps", "epoch", "best"):
         best_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.best_global_step}")
@@ -269,10 +273,12 @@ def save_checkpoint(hooks: TrainerHooks, run: RunState, lightning_trainer, trial
     copied = (lambda value: value) if buffers is None else copy.deepcopy
     files = []  # (name, state) torch.save writes
     if not args.save_only_model:
-        if sharding.is_sharded(hooks.model):  # every rank writes its shard of the optimizer state
-            sharding.save_optimizer(hooks.model, hooks.optimizer, os.path.join(tmp_dir, sharding.OPTIMIZER_DIR))
+        sharded = sharding.is_sharded(hooks.model) or gpu_checkpoints.fsdp1_root(strategy) is not None
+        if sharded:  # every rank writes its shard of the optimizer state
+            sharding.save_optimizer(gpu_checkpoints.optimizer_root(strategy, hooks.model), hooks.optimizer,
+                                    os.path.join(tmp_dir, sharding.OPTIMIZER_DIR))
         if args.should_save:
-            if not sharding.is_sharded(hooks.model):
+            if not sharded and not engine_saved:
                 optimizer_state = hooks.optimizer.state_dict()
                 files.append((OPTIMIZER_NAME, optimizer_state if buffers is None else buffers.take(optimizer_state,
                                                                                                     ("optimizer",))))
@@ -467,9 +473,14 @@ def _load_adapter_weights(model, folder: str) -> None:
         raise refuse(f"unexpected {sorted(result.unexpected_keys)[:5]}")
 
 
-def _load_weights(model, folder: str) -> None:
+def _load_weights(model, folder: str, strategy=None) -> None:
+    """`strategy`: the Lightning strategy `model` trains under, where its state is not the model's own (DeepSpeed's
+    engine, FSDP1's root)."""
     from transformers.trainer_utils import load_sharded_checkpoint
 
+    if gpu_checkpoints.load_engine_checkpoint(strategy, model, folder):  # as transformers' deepspeed_load_checkpoint
+        return
+    fsdp1_load = gpu_checkpoints.fsdp1_loader(strategy, model)
     single = os.path.join(folder, "model.safetensors")
     if _peft_model(model) is not None and not os.path.isfile(single):
         _load_adapter_weights(model, folder)
@@ -486,6 +497,8 @@ def _load_weights(model, folder: str) -> None:
                              "is corrupt or truncated.") from err
         if sharding.is_sharded(model):  # consolidated weights into this run's shards
             _load_state_dict_checked(model, state_dict, single, load=sharding.load_full_state_dict)
+        elif fsdp1_load is not None:
+            _load_state_dict_checked(model, state_dict, single, load=fsdp1_load)
         else:
             _load_state_dict_checked(model, state_dict, single)
     elif os.path.isfile(os.path.join(folder, "model.safetensors.index.json")):
@@ -528,10 +541,10 @@ def _load_state_dict_checked(model, state_dict: dict, source: str, load=None) ->
         raise refuse(f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
 
 
-def load_best_model(model, state: TrainerState) -> None:
+def load_best_model(model, state: TrainerState, strategy=None) -> None:
     folder = state.best_model_checkpoint
     hf_logger.info(f"Loading best model from {folder} (score: {state.best_metric}).")
-    _load_weights(model, folder)
+    _load_weights(model, folder, strategy)
 
 
 # ---------------------------------------------------------------------- resume
@@ -618,22 +631,25 @@ def resume_point(run: RunState, plan: TrainingPlan, rng: dict | None) -> ResumeP
 
 
 def _restore_from_folder(hooks: TrainerHooks, args, lightning_trainer, folder: str):
-    _load_weights(hooks.model, folder)
+    strategy = lightning_trainer.strategy
+    _load_weights(hooks.model, folder, strategy)  # DeepSpeed: the engine's checkpoint, its optimizer state included
     state_file = os.path.join(folder, TRAINER_STATE_NAME)
     try:
         state = TrainerState.load_from_json(state_file)
     except (OSError, json.JSONDecodeError, TypeError) as err:
         raise ValueError(f"Cannot read {state_file!r}: {err}") from err
     sharded_optimizer = os.path.join(folder, sharding.OPTIMIZER_DIR)
-    if os.path.isdir(sharded_optimizer):  # written from FSDP2 shards: DCP reshards it to this run's processes
-        sharding.load_optimizer(hooks.model, hooks.optimizer, sharded_optimizer)
-    elif sharding.is_sharded(hooks.model) and os.path.isfile(os.path.join(folder, OPTIMIZER_NAME)):
+    if os.path.isdir(sharded_optimizer):  # written from FSDP2/FSDP1 shards: DCP reshards it to this run's processes
+        sharding.load_optimizer(gpu_checkpoints.optimizer_root(strategy, hooks.model), hooks.optimizer,
+                                sharded_optimizer)
+    elif (sharding.is_sharded(hooks.model) or gpu_checkpoints.fsdp1_root(strategy) is not None) and os.path.isfile(
+            os.path.join(folder, OPTIMIZER_NAME)):
         raise ValueError(
             f"{folder} holds optimizer.pt, written by an unsharded run; this run shards the model (fsdp). Resume it "
             "without fsdp, or start the fsdp run from its weights (model.safetensors) with a fresh optimizer.")
     for name, target in ((OPTIMIZER_NAME, hooks.optimizer), (SCHEDULER_NAME, hooks.lr_scheduler)):
         file = os.path.join(folder, name)
-        if os.path.isfile(file):
+        if os.path.isfile(file) and not (name == OPTIMIZER_NAME and gpu_checkpoints.deepspeed_engine(strategy)):
             _load_into(target, _torch_load(file, name), file)
     scaler = getattr(lightning_trainer.precision_plugin, "scaler", None)
     if scaler is not None and os.path.isfile(os.path.join(folder, SCALER_NAME)):
@@ -837,7 +853,7 @@ class FolderCheckpointIO(TorchCheckpointIO):
 def lightning_checkpoint_from_folder(folder: str, module, args) -> dict:
     import lightning
 
-    _load_weights(module.model, folder)
+    _load_weights(module.model, folder, module.trainer.strategy)  # DeepSpeed: its engine's optimizer state too
     state_file = os.path.join(folder, TRAINER_STATE_NAME)
     try:
         with open(state_file, encoding="utf-8") as f:

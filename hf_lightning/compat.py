@@ -141,6 +141,13 @@ def mixed_mesh_grad_norm(model, max_norm: float):
     return Trainer._mixed_mesh_grad_norm(None, model, max_norm)
 
 
+def zero3_consolidated_state_dict(engine, exclude_frozen_parameters: bool = False) -> dict | None:
+    """DeepSpeed ZeRO-3's whole 16-bit weights on rank 0 (None on the others), gathered one layer at a time: the
+    engine's `_zero3_consolidated_16bit_state_dict`, which accelerate's get_state_dict and transformers' save_model
+    call under ZeRO-3 too (DeepSpeed's public save_16bit_model only writes a pickle file). Every rank must call it."""
+    return engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=exclude_frozen_parameters)
+
+
 def transformers_finish_current_push() -> Callable[[Any], None]:
     """transformers.Trainer._finish_current_push (wait for the push in progress), which ends transformers' train()."""
     from transformers.trainer import Trainer

@@ -358,7 +358,7 @@ class TrainingFlow(pl.Callback):
         run.memory.stop_stage("train", metrics)  # skip_memory_metrics=False: transformers' memory metrics
         hooks.log(metrics)
         if run.args.load_best_model_at_end and state.best_model_checkpoint is not None:
-            ckpt.load_best_model(hooks.model, state)
+            ckpt.load_best_model(hooks.model, state, trainer.strategy)
         if run.args.should_save and state.best_model_checkpoint is not None and run.args.save_total_limit == 1:
             for folder in ckpt.sorted_checkpoints(hooks._get_output_dir(hooks._trial)):
                 if not os.path.samefile(folder, state.best_model_checkpoint):

@@ -25,6 +25,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
 from .compat import no_split_modules
 
@@ -110,7 +111,9 @@ def given_strategy(args, strategy) -> tuple[Any, list]:
         return sharding.model_parallel_strategy(args), []
     cls = _given_class(strategy)
     if isinstance(strategy, str) and cls is not None and issubclass(cls, (DeepSpeedStrategy, FSDPStrategy)):
-        strategy = StrategyRegistry.get(strategy)
+        # what Lightning builds for the name, as hf_lightning's subclass that also resumes checkpoint-N folders
+        folder_cls = FolderDeepSpeedStrategy if issubclass(cls, DeepSpeedStrategy) else FolderFSDPStrategy
+        strategy = folder_cls(**StrategyRegistry[strategy]["init_params"])
     if not isinstance(strategy, DeepSpeedStrategy):
         return strategy, []
     from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
@@ -169,8 +172,43 @@ def deepspeed_strategy(args):
     """Lightning's DeepSpeedStrategy for `deepspeed=`; the model-dependent "auto" values wait for DeepSpeedAutoValues."""
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
-    return DeepSpeedStrategy(config=lightning_deepspeed_config(deepspeed_config(args)),
-                             timeout=timedelta(seconds=args.ddp_timeout))
+    return FolderDeepSpeedStrategy(config=lightning_deepspeed_config(deepspeed_config(args)),
+                                   timeout=timedelta(seconds=args.ddp_timeout))
+
+
+class FolderDeepSpeedStrategy(DeepSpeedStrategy):
+    """Lightning's DeepSpeedStrategy, which also resumes `fit(ckpt_path=<checkpoint-N folder>)`: its load_checkpoint
+    reads only its own engine folders, past the CheckpointIO; a checkpoint-N folder goes through FolderCheckpointIO,
+    whose weights come, with the optimizer state, from the engine checkpoint in it (gpu_checkpoints.py)."""
+
+    reads_checkpoint_folders = True
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None):
+        from . import sharding
+
+        if not sharding.is_checkpoint_folder(checkpoint_path):
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        return sharding.load_checkpoint_folder(self, checkpoint_path, weights_only)
+
+
+class FolderFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDPStrategy (FSDP1), which also resumes `fit(ckpt_path=<checkpoint-N folder>)`: as
+    sharding.FolderModelParallelStrategy, the folder's consolidated weights into the shards and its DCP optimizer
+    folder into the optimizer, over the names of the FSDP root (the wrapped LightningModule)."""
+
+    reads_checkpoint_folders = True
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None):
+        from . import sharding
+
+        if not sharding.is_checkpoint_folder(checkpoint_path):
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        return sharding.load_checkpoint_folder(self, checkpoint_path, weights_only, optimizer_model=self.model)
+
+
+def zero3(strategy) -> bool:
+    """Whether `strategy` is DeepSpeed ZeRO-3 (parameters partitioned: generate() needs synced_gpus)."""
+    return isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
 
 
 class DeepSpeedAutoValues(pl.Callback):
@@ -350,7 +388,7 @@ def fsdp1_strategy(args, model, plugin_args: Mapping[str, Any] | None = None):
     for name in ("forward_prefetch", "use_orig_params", "sync_module_states", "limit_all_gathers"):
         if name in plugin_args:
             fsdp_kwargs[name] = bool(plugin_args[name])
-    return FSDPStrategy(
+    return FolderFSDPStrategy(
         sharding_strategy=_sharding_strategy(plugin_args.get("reshard_after_forward", "FULL_SHARD")),
         cpu_offload=bool(plugin_args.get("cpu_offload", False)),
         auto_wrap_policy=auto_wrap_policy,

@@ -15,7 +15,7 @@ from typing import Any
 
 import transformers
 
-from . import steps, surface
+from . import gpu_strategies, steps, surface
 from .trainer import Trainer
 from .training_args import TrainingArguments
 
@@ -113,5 +113,6 @@ class Seq2SeqTrainer(Trainer):
         return steps.generation_step(
             model, inputs, gen_kwargs, generating_model=self.model, label_smoother=self.label_smoother,
             pad=self._pad_tensors_to_max_len, loss_context=self.compute_loss_context_manager,
-            prediction_loss_only=self.args.prediction_loss_only,
+            prediction_loss_only=self.args.prediction_loss_only, partitioned=gpu_strategies.zero3(
+                getattr(self.accelerator.lightning_trainer, "strategy", None)),
         )

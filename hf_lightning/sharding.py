@@ -188,17 +188,33 @@ class FolderModelParallelStrategy(_model_parallel_strategy_class()):
     the CheckpointIO, and its `load_*_state_dict` do nothing): a checkpoint-N folder goes through FolderCheckpointIO
     (weights into the shards, trainer state, RNG, scheduler) and the DCP optimizer folder into the optimizer here."""
 
+    reads_checkpoint_folders = True  # configure_model refuses a folder to the strategies that cannot read one
+
     def load_checkpoint(self, checkpoint_path, weights_only=None):
-        path = os.fspath(checkpoint_path)
-        if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "trainer_state.json")):
+        if not is_checkpoint_folder(checkpoint_path):
             return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        checkpoint = self.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
-        folder = os.path.join(path, OPTIMIZER_DIR)
-        if not os.path.isdir(folder):
-            raise ValueError(f"{path} holds no {OPTIMIZER_DIR}/ (the optimizer of a sharded run): resume it with "
-                             "train(resume_from_checkpoint=...) or from a checkpoint written under fsdp.")
-        load_optimizer(self.lightning_module.model, self.optimizers[0], folder)
+        return load_checkpoint_folder(self, checkpoint_path, weights_only, self.lightning_module.model)
+
+
+def is_checkpoint_folder(path) -> bool:
+    path = os.fspath(path)
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "trainer_state.json"))
+
+
+def load_checkpoint_folder(strategy, checkpoint_path, weights_only, optimizer_model=None) -> dict:
+    """A checkpoint-N folder through the strategy's FolderCheckpointIO (weights into the shards, trainer state, RNG,
+    scheduler), then its DCP optimizer folder into the optimizer over `optimizer_model`'s parameter names (None: the
+    CheckpointIO restored the optimizer with the weights, as DeepSpeed's engine does)."""
+    path = os.fspath(checkpoint_path)
+    checkpoint = strategy.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
+    if optimizer_model is None:
         return checkpoint
+    folder = os.path.join(path, OPTIMIZER_DIR)
+    if not os.path.isdir(folder):
+        raise ValueError(f"{path} holds no {OPTIMIZER_DIR}/ (the optimizer of a sharded run): resume it with "
+                         "train(resume_from_checkpoint=...) or from a checkpoint written under fsdp.")
+    load_optimizer(optimizer_model, strategy.optimizers[0], folder)
+    return checkpoint
 
 
 # ---------------------------------------------------------------------- sharding the model
@@ -213,17 +229,26 @@ def is_sharded(model) -> bool:
     return isinstance(model, FSDPModule) or any(isinstance(p, DTensor) for p in model.parameters())
 
 
+def _reads_own_checkpoints(strategy) -> bool:
+    """Lightning's strategies whose load_checkpoint bypasses the CheckpointIO, unless hf_lightning's subclass."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    return isinstance(strategy, (ModelParallelStrategy, DeepSpeedStrategy, FSDPStrategy)) and not getattr(
+        strategy, "reads_checkpoint_folders", False)
+
+
 def configure_model(module) -> None:
     """fully_shard the transformers model of `module` (a TransformersModule) under a ModelParallelStrategy."""
     strategy = module.trainer.strategy
     model = module.model
+    ckpt_path = module.trainer.ckpt_path
+    if ckpt_path and os.path.isdir(ckpt_path) and _reads_own_checkpoints(strategy):
+        raise ValueError(  # its own load_checkpoint reads only Lightning's layout, past hf_lightning's CheckpointIO
+            f"fit(ckpt_path={ckpt_path!r}) under the {type(strategy).__name__} given in lightning_trainer_kwargs "
+            "cannot read a checkpoint-N folder: resume with trainer.train(resume_from_checkpoint=...), or use "
+            "fsdp=True / deepspeed= (or the strategy's registry name) instead of the strategy object.")
     if not is_model_parallel(strategy):
         return
-    ckpt_path = module.trainer.ckpt_path
-    if ckpt_path and os.path.isdir(ckpt_path) and not isinstance(strategy, FolderModelParallelStrategy):
-        raise ValueError(  # its own load_checkpoint reads only Lightning's DCP layout, past hf_lightning's CheckpointIO
-            f"fit(ckpt_path={ckpt_path!r}) under the ModelParallelStrategy given in lightning_trainer_kwargs cannot "
-            "read a checkpoint-N folder: resume with trainer.train(resume_from_checkpoint=...), or use fsdp=True.")
     if is_sharded(model):
         return
     from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard

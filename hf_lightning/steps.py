@@ -155,11 +155,13 @@ def prediction_step(model, inputs, prediction_loss_only: bool, ignore_keys, *, l
 
 
 def generation_step(model, inputs, gen_kwargs: dict, *, generating_model, label_smoother, pad, loss_context,
-                    prediction_loss_only: bool) -> tuple:
+                    prediction_loss_only: bool, partitioned: bool = False) -> tuple:
     """transformers' Seq2SeqTrainer.prediction_step with `predict_with_generate`: (loss, generated ids, labels) of one
     evaluation batch. `generating_model` (the unwrapped model) generates with `gen_kwargs`, `model` computes the loss
     as transformers does there (the model's own loss or the label smoother, not compute_loss); generated ids and
-    labels are padded by `pad(tensor, length)` to the generation config's length."""
+    labels are padded by `pad(tensor, length)` to the generation config's length. `partitioned`: the run's strategy
+    partitions the parameters (ZeRO-3), also where no transformers DeepSpeed config says so (a DeepSpeedStrategy
+    given in lightning_trainer_kwargs): every rank must then run as many forwards (synced_gpus), as transformers."""
     from transformers.distributed.fsdp import is_fsdp_managed_module
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
@@ -169,7 +171,7 @@ def generation_step(model, inputs, gen_kwargs: dict, *, generating_model, label_
         if name in gen_kwargs and gen_kwargs[name] is None:
             gen_kwargs.pop(name)
     gen_kwargs["synced_gpus"] = gen_kwargs.get(
-        "synced_gpus", is_deepspeed_zero3_enabled() or is_fsdp_managed_module(generating_model)
+        "synced_gpus", partitioned or is_deepspeed_zero3_enabled() or is_fsdp_managed_module(generating_model)
     )
     generation_inputs = inputs
     # decoder_input_ids built from the labels (DataCollatorForSeq2Seq(model=...)) would make generate continue them

@@ -4,6 +4,7 @@ here against the real library, so that an upgrade that moves one fails in this f
 from __future__ import annotations
 
 import ast
+import importlib.util
 import pathlib
 
 import lightning.pytorch as pl
@@ -255,3 +256,15 @@ def test_mixed_mesh_grad_norm_norms_and_clips_what_it_is_given():
     compat.mixed_mesh_grad_norm(layer, 0.5)
     assert torch.allclose(torch.nn.utils.get_total_norm([p.grad for p in layer.parameters()]), torch.tensor(0.5),
                           atol=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="the `deepspeed` extra is not installed")
+def test_zero3_consolidated_state_dict_is_the_engines_gathering_method():
+    """The method exists with the keyword compat passes; what it returns (the whole weights, from_pretrained-loadable)
+    is tested on a real ZeRO-3 engine in tests/test_gpu_checkpoints.py."""
+    import inspect
+
+    import deepspeed
+
+    method = deepspeed.DeepSpeedEngine._zero3_consolidated_16bit_state_dict
+    assert "exclude_frozen_parameters" in inspect.signature(method).parameters

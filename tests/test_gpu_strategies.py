@@ -235,7 +235,9 @@ def test_accelerate_launch_fsdp_flags_of_the_guide(tmp_path, cuda, monkeypatch):
     trainer = hf_lightning.Trainer(model, args=hf_lightning.TrainingArguments(str(tmp_path), report_to="none"),
                                    train_dataset=classification_dataset(4))
     chosen = translate_arguments(trainer.args, model)["strategy"]
-    assert type(chosen).__name__ == "FSDPStrategy" and chosen.sharding_strategy == ShardingStrategy.FULL_SHARD
+    # Lightning's FSDPStrategy, as hf_lightning's subclass that also resumes checkpoint-N folders
+    assert isinstance(chosen, gpu_strategies.FolderFSDPStrategy)
+    assert chosen.sharding_strategy == ShardingStrategy.FULL_SHARD
 
 
 # ---------------------------------------------------------------------- lightning_trainer_kwargs={"strategy": ...}
@@ -279,6 +281,9 @@ def test_lightning_deepspeed_name_gets_transformers_semantics(tmp_path, cuda):
     assert config["train_micro_batch_size_per_gpu"] == 4 and config["gradient_clipping"] == 0.5
     assert "gradient_accumulation_steps" not in config and "train_batch_size" not in config
     assert any(isinstance(cb, gpu_strategies.DeepSpeedAutoValues) for cb in kwargs["callbacks"])
+    # the subclass that also resumes checkpoint-N folders; generate() under it syncs the ranks (ZeRO-3)
+    assert isinstance(strategy, gpu_strategies.FolderDeepSpeedStrategy) and gpu_strategies.zero3(strategy)
+    assert transformers.integrations.is_deepspeed_zero3_enabled()
 
 
 @needs_deepspeed
@@ -318,6 +323,7 @@ def test_lightning_fsdp_name_is_lightnings_fsdp_strategy(tmp_path, cuda):
     hf_lightning.Trainer(tiny_bert(), args=args, train_dataset=classification_dataset(4))  # accepted where CUDA is
     strategy = translate_arguments(args)["strategy"]
     assert isinstance(strategy, FSDPStrategy) and strategy.cpu_offload.offload_params is True
+    assert isinstance(strategy, gpu_strategies.FolderFSDPStrategy)  # also resumes checkpoint-N folders
 
 
 # ---------------------------------------------------------------------- Liger
