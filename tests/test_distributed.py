@@ -139,6 +139,8 @@ def test_sharded_evaluation_of_37_samples(eval37_runs, tmp_path):
     assert longest[0::2][:4] != longest[1::2][:4]  # process 0's batch and process 1's: padded to each other
     assert torch.allclose(torch.tensor(hl["predictions"]), torch.tensor(hf["predictions"]), atol=1e-5)
     hl["predict"].pop("test_first_tokens"), hf["predict"].pop("test_first_tokens")
+    # gathered per eval_accumulation_steps window (3 windows x losses, inputs, logits, labels), not per batch (5 x 7)
+    assert hl["gathers"] == 3 * 4
     assert numbers(hl["predict"]) == pytest.approx(numbers(hf["predict"]), rel=1e-5)
 
 

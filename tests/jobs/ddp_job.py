@@ -95,9 +95,13 @@ if len(sys.argv) > 3 and sys.argv[3] == "eval37":  # sharded evaluation/predicti
         os.path.join(output_dir, "ragged"), per_device_eval_batch_size=4, report_to="none", use_cpu=True,
         ddp_backend="gloo", include_for_metrics=["inputs"], disable_tqdm=True, eval_accumulation_steps=2)
     trainer = trainer_cls(tiny_llama(), args=args, data_collator=pad_batch, compute_metrics=metrics)
+    gathers = []
+    if framework == "hl":  # counted: the gathers of one prediction (the loop's and pad_across_processes')
+        gather = trainer.accelerator.gather
+        trainer.accelerator.gather = lambda tensor: gathers.append(1) or gather(tensor)
     predicted = trainer.predict([{"input_ids": row} for row in rows])
     results["ragged"] = {"predict": predicted.metrics, "predictions": predicted.predictions.tolist(),
-                         "label_ids": predicted.label_ids.tolist(), "rows": rows}
+                         "label_ids": predicted.label_ids.tolist(), "rows": rows, "gathers": len(gathers)}
     if trainer.is_world_process_zero():
         with open(os.path.join(output_dir, "eval37.json"), "w") as f:
             json.dump(results, f)
