@@ -1,9 +1,9 @@
 """Sharded evaluation results gathered once per window instead of once per batch, with the per-batch result.
 
 transformers' `evaluation_loop` pads each batch's logits, labels and inputs on dim 1 to the largest over the processes
-and gathers them, with the losses, as the batch comes: under DDP that is five gathers per batch (each one, through
-Lightning's `strategy.all_gather`, a barrier, a shape exchange and the data), and every one of them makes each process
-wait for the slowest at every batch. `WindowGather` keeps a process's batch results until the end of the evaluation or
+and gathers them, with the losses, as the batch comes: under DDP that is five gathers per batch (seven with inputs;
+each one, through Lightning's `strategy.all_gather`, a barrier, a shape exchange and the data), and each of them makes
+every process wait for the slowest one, batch after batch. `WindowGather` keeps a process's batch results until the end of the evaluation or
 of an `eval_accumulation_steps` window (where transformers moves its containers to the CPU), exchanges their shapes in
 one `gather_object` and each tensor of the window in one `gather`, then hands back, batch by batch, what the per-batch
 gathers give: the processes' batches in rank order, padded on dim 1 with -100 (`pad_across_processes`), the last one
@@ -97,8 +97,8 @@ class WindowGather:
         batches, cuts = self.batches, self.cuts
         self.batches, self.cuts = [], []
         leaves = [{name: _leaves(value) for name, value in batch.items()} for batch in batches]
-        local = [{name: [(tuple(t.shape), str(t.dtype)) for t in ts] for name, ts in batch.items()} for batch in leaves]
-        everyone = self.accelerator.gather_object([local])  # [rank][batch][name][leaf] = (shape, dtype)
+        local = [{name: [tuple(t.shape) for t in ts] for name, ts in batch.items()} for batch in leaves]
+        everyone = self.accelerator.gather_object([local])  # [rank][batch][name][leaf] = shape
         if any(len(steps) != len(local) for steps in everyone):
             raise RuntimeError(
                 f"evaluation: the processes evaluated {[len(steps) for steps in everyone]} batches in this window; "
@@ -117,7 +117,7 @@ class WindowGather:
         channels = [(name, j) for name, count in structure.items() for j in range(count)]
         # per channel and batch: the padded shape all processes share, and this process's padded tensors
         targets = {
-            channel: [_padded_shape([steps[s][channel[0]][channel[1]][0] for steps in everyone], channel[0])
+            channel: [_padded_shape([steps[s][channel[0]][channel[1]] for steps in everyone], channel[0])
                       for s in range(len(local))]
             for channel in channels
         }
@@ -125,7 +125,7 @@ class WindowGather:
         world = len(everyone)
         for (name, j), shapes in targets.items():
             flat = torch.cat([_pad(batch[name][j], shape).reshape(-1) for batch, shape in zip(leaves, shapes)])
-            # every process sends as many elements, so Lightning's all_gather needs no uneven-shape round
+            # the padded shapes are shared, so every process sends as many elements: a plain all_gather
             gathered = self.accelerator.gather(flat).reshape(world, flat.numel())
             sizes = [torch.Size(shape).numel() for shape in shapes]
             parts = [row.split(sizes) for row in gathered]
