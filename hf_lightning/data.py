@@ -386,7 +386,12 @@ def num_items_in_batch(batches: list, shifts_labels: bool, args, strategy=None):
     if num_items is None:
         return None
     if args.average_tokens_across_devices and strategy is not None and getattr(strategy, "world_size", 1) > 1:
-        num_items = strategy.reduce(num_items, reduce_op="sum")
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # one collective, as transformers' one gather: Lightning's reduce adds a barrier before its all_reduce,
+            # a second rendezvous of the processes at every evaluation batch and every optimizer step
+            torch.distributed.all_reduce(num_items, op=torch.distributed.ReduceOp.SUM)
+        else:  # a strategy without a torch.distributed group (XLA)
+            num_items = strategy.reduce(num_items, reduce_op="sum")
     from .tensor_parallel import tp_size
 
     return num_items / tp_size(args)  # transformers: the tp_size ranks of a batch counted it tp_size times

@@ -19,6 +19,7 @@ import numpy as np
 from transformers.trainer_pt_utils import EvalLoopContainer, IterableDatasetShard, find_batch_size, nested_truncate
 from transformers.trainer_utils import EvalPrediction, denumpify_detensorize, has_length, speed_metrics
 
+from .eval_gather import WindowGather, deferrable
 from .run import RunState, TrainerHooks
 
 EVALUATION = "Evaluation"
@@ -72,6 +73,7 @@ class EvaluationRun:
         self.steps = 0
         self.batch_metrics = None
         self.remainder = -1  # accelerate's: the real samples of the last batch over all processes (data.remainder)
+        self.window: WindowGather | None = None  # under DDP: the batches gathered once per window (eval_gather.py)
 
     def step(self, hooks: TrainerHooks, model, inputs, num_batches: float) -> None:
         """One batch: transformers' `prediction_step`, then what its loop keeps of the result, gathered from every
@@ -94,6 +96,13 @@ class EvaluationRun:
         inputs_decode = inputs[main_input_name] if "inputs" in args.include_for_metrics else None
         losses, logits, labels = hooks.prediction_step(model, inputs, prediction_loss_only, ignore_keys=self.ignore_keys)
         keep_all = not args.batch_eval_metrics or self.description == PREDICTION
+        if self.steps == 0 and deferrable(args, hooks, accelerator.num_processes):
+            self.window = WindowGather(accelerator, trim=not hooks._keep_padded_eval_losses)
+        if self.window is not None:  # gathered with the window's other batches: nothing to gather here
+            self.window.add({"losses": None if losses is None else losses.repeat(args.eval_batch_size),
+                             "inputs": inputs_decode, "preds": logits, "labels": labels},
+                            accelerator.end_of_dataloader, self.remainder)
+            losses = logits = labels = inputs_decode = None
         if losses is not None:
             # each loss weighs eval_batch_size samples; gather_for_metrics trims a short last batch's repeats
             losses = gather(losses.repeat(args.eval_batch_size))
@@ -128,13 +137,25 @@ class EvaluationRun:
                     compute_result=self.steps == num_batches,
                 )
         elif args.eval_accumulation_steps is not None and self.steps % args.eval_accumulation_steps == 0:
+            self._gather_window()
             for container in (self.losses, self.preds, self.labels, self.inputs):
                 container.to_cpu_and_numpy()
         accelerator.end_of_dataloader, accelerator.remainder = False, -1
 
+    def _gather_window(self) -> None:
+        """The deferred batches, gathered from every process, into the containers as the per-batch loop adds them."""
+        if self.window is None:
+            return
+        for batch in self.window.flush():
+            for name, container in (("losses", self.losses), ("inputs", self.inputs), ("preds", self.preds),
+                                    ("labels", self.labels)):
+                if name in batch:
+                    container.add(batch[name])
+
     def finish(self, hooks: TrainerHooks, run: RunState, dataset) -> EvaluationOutput:
         """transformers' metrics for the whole dataset (compute_metrics, the mean loss, the prefix on every key)."""
         args = self.args
+        self._gather_window()
         all_losses = self.losses.get_arrays()
         all_preds = self.preds.get_arrays()
         all_labels = self.labels.get_arrays()

@@ -116,8 +116,10 @@ def test_sharded_evaluation_of_37_samples(eval37_runs, tmp_path):
         compute_metrics=lambda p: {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())})
     expected = single.predict(dataset)
     numbers = lambda metrics: {k: v for k, v in metrics.items() if "time" not in k and "per_second" not in k}  # noqa: E731
-    assert eval37_runs["hl"].keys() == {"concat", "accumulation", "batches"}
+    assert eval37_runs["hl"].keys() == {"concat", "accumulation", "batches", "ragged"}
     for name, hl in eval37_runs["hl"].items():
+        if name == "ragged":
+            continue
         hf = eval37_runs["hf"][name]
         for prefix, split in (("eval", "eval"), ("test", "predict")):
             assert hl[split][f"{prefix}_rows"] == 37
@@ -128,6 +130,18 @@ def test_sharded_evaluation_of_37_samples(eval37_runs, tmp_path):
         assert hl["eval"]["eval_loss"] != pytest.approx(expected.metrics["test_loss"], rel=1e-5)
         assert torch.allclose(torch.tensor(hl["predictions"]), torch.from_numpy(expected.predictions), atol=1e-5)
         assert hl["label_ids"] == expected.label_ids.tolist()
+    # rows of 3-12 tokens (eval_accumulation_steps=2): each process's batch is padded to its longest row, each gathered
+    # batch across the processes with -100, as transformers does: the same arrays, every row once, in order
+    hl, hf = eval37_runs["hl"]["ragged"], eval37_runs["hf"]["ragged"]
+    assert hl["label_ids"] == hf["label_ids"]
+    assert [labels[: len(row)] for labels, row in zip(hl["label_ids"], hl["rows"])] == hl["rows"]
+    longest = [max(map(len, hl["rows"][start : start + 4])) for start in range(0, 37, 4)]  # batch by batch
+    assert longest[0::2][:4] != longest[1::2][:4]  # process 0's batch and process 1's: padded to each other
+    assert torch.allclose(torch.tensor(hl["predictions"]), torch.tensor(hf["predictions"]), atol=1e-5)
+    hl["predict"].pop("test_first_tokens"), hf["predict"].pop("test_first_tokens")
+    # gathered per eval_accumulation_steps window (3 windows x losses, inputs, logits, labels), not per batch (5 x 7)
+    assert hl["gathers"] == 3 * 4
+    assert numbers(hl["predict"]) == pytest.approx(numbers(hf["predict"]), rel=1e-5)
 
 
 def test_log_level_and_replica_level(ddp_runs):

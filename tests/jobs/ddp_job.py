@@ -79,6 +79,29 @@ if len(sys.argv) > 3 and sys.argv[3] == "eval37":  # sharded evaluation/predicti
         predicted = trainer.predict(dataset)
         results[name] = {"eval": evaluated, "predict": predicted.metrics,
                          "predictions": flat(predicted.predictions).tolist(), "label_ids": flat(predicted.label_ids).tolist()}
+    # token logits of rows 3-12 long, each batch padded to its longest row: the processes' batches differ in length,
+    # so each gathered batch is padded across processes (-100) before it joins the others
+    rng = np.random.default_rng(3)
+    rows = [rng.integers(1, 64, size=int(rng.integers(3, 13))).tolist() for _ in range(37)]
+
+    def pad_batch(features):
+        longest = max(len(f["input_ids"]) for f in features)
+        pad = lambda values, value: values + [value] * (longest - len(values))  # noqa: E731
+        return {"input_ids": torch.tensor([pad(f["input_ids"], 0) for f in features]),
+                "attention_mask": torch.tensor([pad([1] * len(f["input_ids"]), 0) for f in features]),
+                "labels": torch.tensor([pad(f["input_ids"], -100) for f in features])}
+
+    args = (transformers.TrainingArguments if framework == "hf" else hf_lightning.TrainingArguments)(
+        os.path.join(output_dir, "ragged"), per_device_eval_batch_size=4, report_to="none", use_cpu=True,
+        ddp_backend="gloo", include_for_metrics=["inputs"], disable_tqdm=True, eval_accumulation_steps=2)
+    trainer = trainer_cls(tiny_llama(), args=args, data_collator=pad_batch, compute_metrics=metrics)
+    gathers = []
+    if framework == "hl":  # counted: the gathers of one prediction (the loop's and pad_across_processes')
+        gather = trainer.accelerator.gather
+        trainer.accelerator.gather = lambda tensor: gathers.append(1) or gather(tensor)
+    predicted = trainer.predict([{"input_ids": row} for row in rows])
+    results["ragged"] = {"predict": predicted.metrics, "predictions": predicted.predictions.tolist(),
+                         "label_ids": predicted.label_ids.tolist(), "rows": rows, "gathers": len(gathers)}
     if trainer.is_world_process_zero():
         with open(os.path.join(output_dir, "eval37.json"), "w") as f:
             json.dump(results, f)
