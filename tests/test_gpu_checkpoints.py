@@ -137,6 +137,24 @@ def test_zero3_weights_without_gathering_come_from_a_fresh_engine_checkpoint_and
     assert result["model_only_missing"] == [] == result["model_only_missing_without_engine"]
 
 
+def test_fsdp1_root_checkpoint_consolidates_and_resumes_exactly(tmp_path):
+    """torch's FSDP1 on 2 gloo CPU processes, wrapped as Lightning's FSDPStrategy wraps on GPUs (tests/jobs/fsdp1_job.py):
+    names without FSDP's and the checkpoint wrapper's prefixes, tied weights, the DCP optimizer over the root."""
+    from test_distributed import TORCHRUN, free_port
+
+    proc = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()),
+                           os.path.join(HERE, "jobs", "fsdp1_job.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "model.embed_tokens.weight" in result["weight_keys"] and "model.norm.weight" in result["weight_keys"]
+    assert not any("_fsdp_wrapped_module" in k or "_checkpoint_wrapped_module" in k or k.startswith("model.model.")
+                   for k in result["weight_keys"])
+    assert {"model.safetensors", "optimizer_0"} <= set(result["files"])
+    assert result["from_pretrained_max_diff"] < 1e-6
+    assert result["resumed_next"] == result["next"]  # weights, then Adam moments: the same two next steps
+
+
 if __name__ == "__main__":
     import torch.distributed as dist
 
