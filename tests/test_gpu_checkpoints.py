@@ -138,7 +138,7 @@ def test_zero3_weights_without_gathering_come_from_a_fresh_engine_checkpoint_and
 
 
 def test_fsdp1_root_checkpoint_consolidates_and_resumes_exactly(tmp_path):
-    """torch's FSDP1 on 2 gloo CPU processes, wrapped as Lightning's FSDPStrategy wraps on GPUs (tests/jobs/fsdp1_job.py):
+    """torch's FSDP1 on 2 gloo CPU processes, wrapped as Lightning's FSDPStrategy wraps on GPUs (jobs/fsdp1_job.py):
     names without FSDP's and the checkpoint wrapper's prefixes, tied weights, the DCP optimizer over the root."""
     from test_distributed import TORCHRUN, free_port
 
