@@ -114,11 +114,15 @@ def missing_training_state(folder: str, args) -> list[str]:
     missing = [n for n in (OPTIMIZER_NAME, SCHEDULER_NAME) if not os.path.isfile(os.path.join(folder, n))]
     if OPTIMIZER_NAME in missing and os.path.isdir(os.path.join(folder, sharding.OPTIMIZER_DIR)):
         missing.remove(OPTIMIZER_NAME)  # written from sharded state (FSDP2, FSDP1), as a DCP folder
-    if OPTIMIZER_NAME in missing and gpu_checkpoints.has_engine_checkpoint(folder):
+    engine = gpu_checkpoints.has_engine_checkpoint(folder)
+    if OPTIMIZER_NAME in missing and engine:
         missing.remove(OPTIMIZER_NAME)  # in DeepSpeed's own checkpoint (global_stepN/), as transformers writes it
     if not rng_names:
         missing.append(_rng_file(args))
-    model_only = len(missing) == 3 and not os.path.isfile(os.path.join(folder, LIGHTNING_CKPT_NAME))
+    # ZeRO-3 without stage3_gather_16bit_weights_on_model_save writes the engine's checkpoint to get the weights,
+    # under save_only_model too (as transformers' save_model): its optimizer state alone is no training state.
+    model_only = (len(missing) == 3 or (engine and len(missing) == 2 and OPTIMIZER_NAME not in missing)) and (
+        not os.path.isfile(os.path.join(folder, LIGHTNING_CKPT_NAME)))
     return [] if model_only else missing
 
 
@@ -146,14 +150,14 @@ def save_model_folder(hooks: TrainerHooks, output_dir: str, final_dir: str | Non
 
 
 def model_folder_writer(hooks: TrainerHooks, output_dir: str, final_dir: str | None = None,
-                        buffers: SnapshotBuffers | None = None):
+                        buffers: SnapshotBuffers | None = None, engine_saved: bool = False):
     """save_model_folder's work as a function to call later (one that does nothing on a process that does not save).
     A sharded model is gathered here, on every rank. With `buffers` (a background save), the weights are copied into
     them now and the function writes the copy; a model whose weights are not copied (see `snapshots_model`) is written
-    now."""
+    now. `engine_saved`: DeepSpeed's engine checkpoint was just written into `output_dir` (every rank)."""
     model, processing_class, args = hooks.model, hooks.processing_class, hooks.args
-    weights = sharding.full_state_dict(model) if sharding.is_sharded(model) else (
-        gpu_checkpoints.full_state_dict(gpu_checkpoints.strategy_of(hooks), model, output_dir))  # ZeRO-3, FSDP1
+    weights = sharding.full_state_dict(model) if sharding.is_sharded(model) else (  # ZeRO-3, FSDP1
+        gpu_checkpoints.full_state_dict(gpu_checkpoints.strategy_of(hooks), model, output_dir, engine_saved))
     if not args.should_save:
         return lambda: None
     OptimizerQuirks(hooks.optimizer).eval()
@@ -264,7 +268,7 @@ def save_checkpoint(hooks: TrainerHooks, run: RunState, lightning_trainer, trial
     if hooks.hp_search_backend is None and trial is None:  # as transformers: a trial's flos move at logs only
         run.store_flos(strategy)
     engine_saved = not args.save_only_model and gpu_checkpoints.save_engine_checkpoint(strategy, hooks.model, tmp_dir)
-    write_model = model_folder_writer(hooks, tmp_dir, final_dir, buffers)  # gathers a sharded model on every rank
+    write_model = model_folder_writer(hooks, tmp_dir, final_dir, buffers, engine_saved)  # gathers on every rank
     if state.best_global_step and args.save_strategy in ("steps", "epoch", "best"):
         best_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.best_global_step}")
         # As transformers: only a folder that exists (this one, being written, or an earlier one).

@@ -85,23 +85,28 @@ def save_engine_checkpoint(strategy, model, folder: str) -> bool:
     return True
 
 
-def full_state_dict(strategy, model, folder: str) -> dict | None:
+def full_state_dict(strategy, model, folder: str, engine_saved: bool = False) -> dict | None:
     """The consolidated weights (keys of `model`) on rank 0 and {} on the others, for the strategies whose `model`
     does not hold them whole: ZeRO-3 and FSDP1. None for any other strategy (the model's own state_dict is whole).
     Every rank must call it. ZeRO-3 without stage3_gather_16bit_weights_on_model_save reads the engine checkpoint
-    in `folder`, writing it there first if it is not there (as transformers' save_model does then)."""
+    in `folder`, writing it there first (as transformers' save_model does then) unless the caller just wrote it
+    (`engine_saved`, the same on every rank)."""
     root = fsdp1_root(strategy)
     if root is not None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return _strip(get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
+        # offloading a root that computes on the CPU already makes torch's FSDP1 free memory it then reads (SIGSEGV)
+        offload = root.compute_device.type != "cpu"
+        return _strip(get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=offload)))
     engine = deepspeed_engine(strategy)
     if engine is None or not engine.zero_optimization_partition_weights():
         return None
     if engine.zero_gather_16bit_weights_on_model_save():
         weights = compat.zero3_consolidated_state_dict(engine, exclude_frozen_parameters=_is_peft(model))
         return _strip(weights) if weights is not None else {}
-    if not has_engine_checkpoint(folder):
+    # Not judged by a `latest` file in the folder: one left by an earlier save (save_model twice into output_dir)
+    # holds older weights, and ranks that do not see rank 0's file (no shared disk) would skip a collective.
+    if not engine_saved:
         save_engine_checkpoint(strategy, model, folder)
     strategy.barrier("hf_lightning.zero3_weights")
     if strategy.global_rank != 0:

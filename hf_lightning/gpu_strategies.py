@@ -46,6 +46,12 @@ def check_cuda_switches(args, environ: Mapping[str, str] | None = None) -> None:
     if uses_deepspeed(args) and fsdp_on:
         raise ValueError("TrainingArguments.deepspeed and fsdp are both set (or accelerate launch set both): choose one "
                          "sharded strategy, leave the other unset.")
+    given = dict(getattr(args, "lightning_trainer_kwargs", None) or {}).get("strategy")
+    if args.save_only_model and args.load_best_model_at_end and (uses_deepspeed(args) or is_deepspeed_class(given)):
+        # as transformers: the best model is DeepSpeed's engine checkpoint, which save_only_model does not write
+        raise ValueError("TrainingArguments.save_only_model=True with load_best_model_at_end=True under DeepSpeed: "
+                         "the best model loads from the engine's checkpoint, which save_only_model leaves out; set "
+                         "one of them to False.")
     if uses_deepspeed(args):
         source = f"deepspeed={args.deepspeed!r}" if args.deepspeed else "deepspeed (from accelerate launch)"
         if args.use_cpu or not _cuda():
@@ -74,6 +80,12 @@ def _given_class(strategy) -> type | None:
     from lightning.pytorch.strategies import StrategyRegistry
 
     return StrategyRegistry[strategy]["strategy"] if strategy in StrategyRegistry else None
+
+
+def is_deepspeed_class(strategy) -> bool:
+    """Whether a strategy name or object of lightning_trainer_kwargs is Lightning's DeepSpeedStrategy."""
+    cls = _given_class(strategy) if strategy is not None else None
+    return cls is not None and issubclass(cls, DeepSpeedStrategy)
 
 
 def check_given_strategy(args) -> None:

@@ -74,11 +74,35 @@ def _worker(stage: int, gather: bool, folder: str) -> dict:
 
     resumed_strategy, resumed_engine, resumed_model = strategy_for(1)  # other initial weights: all must come back
     assert gpu_checkpoints.load_engine_checkpoint(resumed_strategy, resumed_model, folder)
-    return {"files": sorted(os.listdir(folder)), "weights_dtype": dtype,
-            "from_pretrained_max_diff": (loaded - expected).abs().max().item(),
-            "next_loss": step(engine, model, batches[2]), "resumed_next_loss": step(resumed_engine, resumed_model,
-                                                                                  batches[2]),
-            "after": step(engine, model, batches[3]), "resumed_after": step(resumed_engine, resumed_model, batches[3])}
+    result = {"files": sorted(os.listdir(folder)), "weights_dtype": dtype,
+              "from_pretrained_max_diff": (loaded - expected).abs().max().item(),
+              "next_loss": step(engine, model, batches[2]), "resumed_next_loss": step(resumed_engine, resumed_model,
+                                                                                    batches[2]),
+              "after": step(engine, model, batches[3]), "resumed_after": step(resumed_engine, resumed_model,
+                                                                              batches[3])}
+    if stage == 3 and not gather:
+        # save_model / save_only_model: the weights come through an engine checkpoint written for them, here into a
+        # folder whose `latest` (step 2) is older than the engine (step 4): the weights must be the engine's now
+        weights = gpu_checkpoints.full_state_dict(strategy, model, folder)
+        fresh = tiny_llama()
+        fresh.load_state_dict(weights, strict=False)  # save_pretrained's tied weights aside, as from_pretrained
+        with torch.no_grad():
+            result["resaved_max_diff"] = (fresh(input_ids=batches[3]).logits - model(input_ids=batches[3]).logits
+                                          ).abs().max().item()
+        # a checkpoint-N folder saved with save_only_model: weights, trainer state, the engine's files beside
+        model_only = folder + "-model-only"
+        tiny_llama().save_pretrained(model_only, state_dict=dict(gpu_checkpoints.full_state_dict(strategy, model,
+                                                                                               model_only)))
+        transformers.TrainerState(global_step=4).save_to_json(os.path.join(model_only, "trainer_state.json"))
+        from types import SimpleNamespace
+
+        from hf_lightning import checkpoint
+
+        args = SimpleNamespace(world_size=1, process_index=0)
+        result["model_only_missing"] = checkpoint.missing_training_state(model_only, args)
+        os.remove(os.path.join(model_only, "latest"))  # without the engine's files it was model-only already
+        result["model_only_missing_without_engine"] = checkpoint.missing_training_state(model_only, args)
+    return result
 
 
 CASES = [(3, True), (3, False), (2, False)]  # ZeRO-3 gathering 16-bit weights, ZeRO-3 without (zero_to_fp32), ZeRO-2
@@ -103,6 +127,32 @@ def test_engine_checkpoint_resumes_exactly_and_its_weights_load_with_from_pretra
     assert result["from_pretrained_max_diff"] < 1e-5  # the consolidated weights are the engine's
     assert result["resumed_next_loss"] == result["next_loss"]  # weights restored
     assert result["resumed_after"] == result["after"]  # fp32 master weights and Adam moments restored
+
+
+@needs_deepspeed
+def test_zero3_weights_without_gathering_come_from_a_fresh_engine_checkpoint_and_stay_model_only(results):
+    result = results[CASES.index((3, False))]
+    assert result["resaved_max_diff"] < 1e-5  # not the older engine checkpoint the folder held
+    # save_only_model: the engine checkpoint written for the weights does not make the folder an incomplete one
+    assert result["model_only_missing"] == [] == result["model_only_missing_without_engine"]
+
+
+def test_fsdp1_root_checkpoint_consolidates_and_resumes_exactly(tmp_path):
+    """torch's FSDP1 on 2 gloo CPU processes, wrapped as Lightning's FSDPStrategy wraps on GPUs (jobs/fsdp1_job.py):
+    names without FSDP's and the checkpoint wrapper's prefixes, tied weights, the DCP optimizer over the root."""
+    from test_distributed import TORCHRUN, free_port
+
+    proc = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()),
+                           os.path.join(HERE, "jobs", "fsdp1_job.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "model.embed_tokens.weight" in result["weight_keys"] and "model.norm.weight" in result["weight_keys"]
+    assert not any("_fsdp_wrapped_module" in k or "_checkpoint_wrapped_module" in k or k.startswith("model.model.")
+                   for k in result["weight_keys"])
+    assert {"model.safetensors", "optimizer_0"} <= set(result["files"])
+    assert result["from_pretrained_max_diff"] < 1e-6
+    assert result["resumed_next"] == result["next"]  # weights, then Adam moments: the same two next steps
 
 
 if __name__ == "__main__":

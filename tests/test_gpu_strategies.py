@@ -262,6 +262,16 @@ def test_lightning_cuda_strategies_are_refused_on_cpu_naming_them(tmp_path):
         assert "\n" not in str(err.value)
 
 
+def test_save_only_model_with_load_best_model_at_end_is_refused_under_deepspeed(tmp_path):
+    """transformers' own refusal: the best model would be read from an engine checkpoint that is not written."""
+    args = _given(tmp_path, "deepspeed_stage_2", save_only_model=True, load_best_model_at_end=True,
+                  eval_strategy="steps", save_strategy="steps")
+    with pytest.raises(ValueError, match=r"save_only_model=True with load_best_model_at_end=True under DeepSp") as err:
+        hf_lightning.Trainer(tiny_bert(), args=args, train_dataset=classification_dataset(4),
+                             eval_dataset=classification_dataset(4))
+    assert "\n" not in str(err.value)
+
+
 @needs_deepspeed
 def test_lightning_deepspeed_name_gets_transformers_semantics(tmp_path, cuda):
     """A registry name: Lightning's DeepSpeedStrategy, its config given what TrainingArguments says (micro-batch,
