@@ -214,6 +214,36 @@ def test_demo_config_fine_tunes_a_pretrained_folder(pretrained, tmp_path):
     assert os.path.isfile(tmp_path / "demo" / "tokenizer.json")
 
 
+def test_push_to_hub_and_a_hub_model_from_the_command(config, tmp_path):
+    """`--args.push_to_hub true` pushes to the Hub the environment names (HF_ENDPOINT, HF_TOKEN) and a Hub repo id is
+    a model to load, with no HF_HUB_OFFLINE=0 to set by hand. Fresh processes, with the variables a user sets:
+    huggingface_hub reads them at import (tests/hub_server.py is the Hub)."""
+    from hub_server import HubServer
+
+    server = HubServer(tmp_path / "hub", tokens={"hf_alice_write": "alice"}).start()
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_TOKEN")}
+    env.update(HF_ENDPOINT=server.url, HF_TOKEN="hf_alice_write", HF_HOME=str(tmp_path / "hf_home"),
+               HF_HUB_DISABLE_TELEMETRY="1")
+
+    def command(*argv):
+        proc = subprocess.run([sys.executable, "-m", "hf_lightning.cli", *map(str, argv)], capture_output=True,
+                              text=True, timeout=300, cwd=ROOT, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    try:
+        command("fit", "--config", config, "--args.push_to_hub", "true", "--args.hub_model_id", "alice/cli-run")
+        # the final save_model() pushes (transformers' push_to_hub, with the model card)
+        assert [message for message, _ in server.commits("alice/cli-run")] == ["initial commit", "Model save"]
+        assert {"README.md", "config.json", "model.safetensors", "tokenizer.json"} <= set(server.files("alice/cli-run"))
+        metrics = last_json(command("validate", "--config", config, "--model.name_or_path", "alice/cli-run",
+                                    "--model.config", "null", "--model.tokenizer", "null",
+                                    "--data.validation_file", tmp_path / "train.jsonl"))
+        assert "eval_accuracy" in metrics
+    finally:
+        server.stop()
+
+
 LLAMA = json.dumps({"model_type": "llama", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
                     "num_key_value_heads": 2, "intermediate_size": 32})
 # Errors found after parsing: (case, extra argv, what the one line names). {tmp} is the run's folder.
