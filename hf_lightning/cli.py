@@ -315,11 +315,11 @@ class HFLightningCLI(LightningCLI):
 def main(argv: list[str] | None = None) -> int:
     """The `hf-lightning` command. It owns its process, so it may set process-wide things a library import must not:
     the objects of the imports go to the collector's permanent generation (the first full collection after them
-    would walk them all again, with the data), and the Hub is offline unless the environment says otherwise."""
+    would walk them all again, with the data). The Hub is as the environment says (HF_HUB_OFFLINE, HF_ENDPOINT), read
+    by huggingface_hub at import: `--args.push_to_hub true` needs nothing more."""
     import gc
 
     gc.freeze()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from jsonargparse import ArgumentError
 
     try:
@@ -467,7 +467,9 @@ def load_tokenizer(cfg: ModelConfig):
 
 def _check_folder(path: str, what: str, key: str) -> None:
     """A local path that is not there is reported as such, not as a malformed Hub repo id (from_pretrained's error)."""
-    local = os.path.isabs(path) or path.startswith((".", "~")) or os.environ.get("HF_HUB_OFFLINE") == "1"
+    from huggingface_hub import is_offline_mode
+
+    local = os.path.isabs(path) or path.startswith((".", "~")) or is_offline_mode()
     if local and not os.path.isdir(os.path.expanduser(path)):
         raise UsageError(f"{what} {path} not found ({key}: a folder written by save_pretrained).")
 

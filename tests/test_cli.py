@@ -38,16 +38,59 @@ def pretrained(tmp_path_factory):
     return folder
 
 
-def cli(*argv, check=True):
-    proc = subprocess.run([sys.executable, "-m", "hf_lightning.cli", *map(str, argv)], capture_output=True,
-                          text=True, timeout=300, cwd=ROOT)
+class CliServer:
+    """`python -m hf_lightning.cli ARGV` in processes forked from tests/jobs/cli_job.py, which did the command's imports
+    once (~7 s of CPU each time otherwise): each command a process of its own, exiting as the real one does."""
+
+    def __init__(self, folder):
+        self.folder, self.count = folder, 0
+        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "jobs", "cli_job.py")],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+
+    def run(self, *argvs) -> list[subprocess.CompletedProcess]:
+        """The commands together (each in its own process), their results in order."""
+        runs = []
+        for argv in argvs:
+            self.count += 1
+            runs.append({"argv": list(map(str, argv)), "stdout": str(self.folder / f"{self.count}.out"),
+                         "stderr": str(self.folder / f"{self.count}.err")})
+        self.proc.stdin.write(json.dumps({"runs": runs}) + "\n")
+        self.proc.stdin.flush()
+        reply = self.proc.stdout.readline()
+        assert reply, "the CLI fork server died"
+        return [subprocess.CompletedProcess(run["argv"], code, open(run["stdout"]).read(), open(run["stderr"]).read())
+                for run, code in zip(runs, json.loads(reply)["returncodes"])]
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+SERVER: CliServer | None = None
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    global SERVER
+    SERVER = CliServer(tmp_path_factory.mktemp("cli_runs"))
+    yield SERVER
+    SERVER.close()
+
+
+def cli(*argv, check=True, fork=True):
+    """fork=False: a fresh `python -m hf_lightning.cli` (the command's own start, Lightning's launcher re-running it)."""
+    if fork:
+        proc, = SERVER.run(argv)
+    else:
+        proc = subprocess.run([sys.executable, "-m", "hf_lightning.cli", *map(str, argv)], capture_output=True,
+                              text=True, timeout=300, cwd=ROOT)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
 
 @pytest.fixture
-def config(tmp_path, pretrained):
+def config(tmp_path, pretrained, server):
     return write_config(tmp_path, pretrained)
 
 
@@ -109,7 +152,7 @@ def test_print_config_runs_again_unchanged(config, tmp_path):
     assert "train_loss" in last_json(cli("fit", "--config", again))
 
 
-@pytest.mark.parametrize("argv,fragment", [
+BAD_INPUT = [
     (["--trainer.callbacks", '[{"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"}]'], "no logger"),
     (["--args.lerning_rate", "3"], "lerning_rate"),
     (["--data.train_file", "/nope/train.csv"], "/nope/train.csv"),
@@ -120,9 +163,21 @@ def test_print_config_runs_again_unchanged(config, tmp_path):
     (["--trainer.num_sanity_val_steps", "2"], "use --args.eval_on_start"),
     (["--trainer.devices", "2", "--args.lightning_trainer_kwargs", '{"devices": 1}'],
      "--trainer.devices and --args.lightning_trainer_kwargs devices"),
-])
-def test_bad_input_is_one_line_and_exit_2(config, argv, fragment):
-    proc = cli("fit", "--config", config, *argv, check=False)
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(tmp_path_factory, pretrained, server):
+    """Every BAD_INPUT case, each `hf-lightning fit` in a process of its own, started together (each ends at parsing
+    or before the first step)."""
+    config = write_config(tmp_path_factory.mktemp("bad_input"), pretrained)
+    procs = server.run(*(["fit", "--config", config, *argv] for argv, _ in BAD_INPUT))
+    return {tuple(argv): proc for (argv, _), proc in zip(BAD_INPUT, procs)}
+
+
+@pytest.mark.parametrize("argv,fragment", BAD_INPUT)
+def test_bad_input_is_one_line_and_exit_2(bad_input_runs, argv, fragment):
+    proc = bad_input_runs[tuple(argv)]
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("hf-lightning: error:")]
     assert len(errors) == 1 and fragment in errors[0], proc.stderr[-2000:]
@@ -151,11 +206,42 @@ def test_demo_config_fine_tunes_a_pretrained_folder(pretrained, tmp_path):
     # `make demo`: examples/configs/demo.yaml with --model.name_or_path (there, the MiniLM package's folder).
     out = last_json(cli("fit", "--config", os.path.join(ROOT, "examples", "configs", "demo.yaml"),
                         "--model.name_or_path", pretrained, "--args.output_dir", tmp_path / "demo",
-                        "--args.max_steps", "2", "--args.report_to", "none", "--args.disable_tqdm", "true"))
+                        "--args.max_steps", "2", "--args.report_to", "none", "--args.disable_tqdm", "true",
+                        fork=False))
     assert {"train_loss", "eval_loss", "eval_accuracy"} <= set(out)
     saved = json.load(open(tmp_path / "demo" / "config.json"))
     assert saved["architectures"] == ["BertForSequenceClassification"] and saved["vocab_size"] == len(WORDS) + 5
     assert os.path.isfile(tmp_path / "demo" / "tokenizer.json")
+
+
+def test_push_to_hub_and_a_hub_model_from_the_command(config, tmp_path):
+    """`--args.push_to_hub true` pushes to the Hub the environment names (HF_ENDPOINT, HF_TOKEN) and a Hub repo id is
+    a model to load, with no HF_HUB_OFFLINE=0 to set by hand. Fresh processes, with the variables a user sets:
+    huggingface_hub reads them at import (tests/hub_server.py is the Hub)."""
+    from hub_server import HubServer
+
+    server = HubServer(tmp_path / "hub", tokens={"hf_alice_write": "alice"}).start()
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_TOKEN")}
+    env.update(HF_ENDPOINT=server.url, HF_TOKEN="hf_alice_write", HF_HOME=str(tmp_path / "hf_home"),
+               HF_HUB_DISABLE_TELEMETRY="1")
+
+    def command(*argv):
+        proc = subprocess.run([sys.executable, "-m", "hf_lightning.cli", *map(str, argv)], capture_output=True,
+                              text=True, timeout=300, cwd=ROOT, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    try:
+        command("fit", "--config", config, "--args.push_to_hub", "true", "--args.hub_model_id", "alice/cli-run")
+        # the final save_model() pushes (transformers' push_to_hub, with the model card)
+        assert [message for message, _ in server.commits("alice/cli-run")] == ["initial commit", "Model save"]
+        assert {"README.md", "config.json", "model.safetensors", "tokenizer.json"} <= set(server.files("alice/cli-run"))
+        metrics = last_json(command("validate", "--config", config, "--model.name_or_path", "alice/cli-run",
+                                    "--model.config", "null", "--model.tokenizer", "null",
+                                    "--data.validation_file", tmp_path / "train.jsonl"))
+        assert "eval_accuracy" in metrics
+    finally:
+        server.stop()
 
 
 LLAMA = json.dumps({"model_type": "llama", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
@@ -182,20 +268,16 @@ USER_ERRORS = [
 
 
 @pytest.fixture(scope="module")
-def user_error_runs(tmp_path_factory, pretrained):
+def user_error_runs(tmp_path_factory, pretrained, server):
     """Every USER_ERRORS case, each `hf-lightning fit` in a process of its own, started together (they are cheap:
     each ends before the first step)."""
     tmp = tmp_path_factory.mktemp("user_errors")
     config = write_config(tmp, pretrained)
     (tmp / "empty.csv").write_text("text,label\n")
     (tmp / "plain.txt").write_text("good movie\nbad movie\n" * 8)
-    procs = {
-        case: subprocess.Popen([sys.executable, "-m", "hf_lightning.cli", "fit", "--config", str(config),
-                                *(arg.replace("{tmp}", str(tmp)) for arg in argv)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-        for case, argv, _ in USER_ERRORS
-    }
-    return tmp, {case: (proc.wait(timeout=300), proc.communicate()[1]) for case, proc in procs.items()}
+    procs = server.run(*(["fit", "--config", config, *(arg.replace("{tmp}", str(tmp)) for arg in argv)]
+                         for _, argv, _ in USER_ERRORS))
+    return tmp, {case: (proc.returncode, proc.stderr) for (case, _, _), proc in zip(USER_ERRORS, procs)}
 
 
 @pytest.mark.parametrize("case,argv,named", USER_ERRORS, ids=[case for case, _, _ in USER_ERRORS])
@@ -233,7 +315,7 @@ def test_trainer_group_devices_starts_two_processes(config, tmp_path):
     """`--trainer.devices 2` is lightning_trainer_kwargs devices=2: Lightning's launcher re-runs the command for rank 1
     (both ranks write their RNG file); `--trainer.log_every_n_steps` is written into args.logging_steps."""
     proc = cli("fit", "--config", config, "--trainer.devices", "2", "--trainer.log_every_n_steps", "1",
-               "--args.save_strategy", "steps", "--args.save_steps", "4")
+               "--args.save_strategy", "steps", "--args.save_steps", "4", fork=False)
     checkpoint = tmp_path / "out" / "checkpoint-4"
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(os.listdir(checkpoint))
     state = json.load(open(checkpoint / "trainer_state.json"))
