@@ -127,6 +127,19 @@ def optimizer_root(strategy, model):
 # ---------------------------------------------------------------------- loading
 
 
+def restores_state_dict_entry(strategy) -> bool:
+    """Whether Lightning restores weights from the "state_dict" entry of the checkpoint a strategy's load_checkpoint
+    returns. FSDPStrategy and ModelParallelStrategy override load_model_state_dict to do nothing, as DeepSpeedStrategy
+    does but with load_full_weights under ZeRO-3 (Lightning 2.6.6): their checkpoint-N folders' weights go into the
+    shards in load_checkpoint already, and a module.state_dict() there would gather the full weights on every rank
+    (FSDP1) for nothing."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    if isinstance(strategy, DeepSpeedStrategy):
+        return bool(strategy.load_full_weights and strategy.zero_stage_3)
+    return not isinstance(strategy, (FSDPStrategy, ModelParallelStrategy))
+
+
 def load_engine_checkpoint(strategy, model, folder: str, load_optimizer: bool = True) -> bool:
     """DeepSpeed: weights (and, with `load_optimizer`, the fp32 master weights and optimizer state) from the
     engine's checkpoint in `folder`, as transformers' deepspeed_load_checkpoint. False for other strategies."""
