@@ -14,6 +14,7 @@
     FSDP1       model.safetensors     gathered from the FSDP root (Lightning wraps the LightningModule) by torch's
                                       get_model_state_dict(full_state_dict=True, cpu_offload=True), written by rank 0
                 optimizer_0/          the optimizer as a torch distributed checkpoint, as the FSDP2 path writes it
+                                      (the transformers model's names: it resumes under FSDP2, DDP, one process)
 
 The LightningModule is what both strategies wrap, so their names carry its `model.` prefix; the files do not.
 """
@@ -122,6 +123,15 @@ def optimizer_root(strategy, model):
     FSDP1's root, else the (FSDP2-sharded) model itself."""
     root = fsdp1_root(strategy)
     return model if root is None else root
+
+
+def optimizer_prefix(module) -> str:
+    """The prefix of the transformers model's parameter names among `module`'s: PREFIX for FSDP1's root (it wraps
+    the LightningModule), none for the model itself (FSDP2, DDP, one process). The DCP optimizer folder holds the
+    names without it, so that it moves between all of them."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return PREFIX if isinstance(module, FullyShardedDataParallel) else ""
 
 
 # ---------------------------------------------------------------------- loading

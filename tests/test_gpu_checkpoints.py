@@ -139,7 +139,8 @@ def test_zero3_weights_without_gathering_come_from_a_fresh_engine_checkpoint_and
 
 def test_fsdp1_root_checkpoint_consolidates_and_resumes_exactly(tmp_path):
     """torch's FSDP1 on 2 gloo CPU processes, wrapped as Lightning's FSDPStrategy wraps on GPUs (jobs/fsdp1_job.py):
-    names without FSDP's and the checkpoint wrapper's prefixes, tied weights, the DCP optimizer over the root."""
+    names without FSDP's and the checkpoint wrapper's prefixes, tied weights, the DCP optimizer under the
+    transformers model's names, so that it moves between FSDP1, DDP and one process."""
     from test_distributed import TORCHRUN, free_port
 
     proc = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()),
@@ -153,6 +154,12 @@ def test_fsdp1_root_checkpoint_consolidates_and_resumes_exactly(tmp_path):
     assert {"model.safetensors", "optimizer_0"} <= set(result["files"])
     assert result["from_pretrained_max_diff"] < 1e-6
     assert result["resumed_next"] == result["next"]  # weights, then Adam moments: the same two next steps
+    # FSDP1's optimizer folder read by an unsharded optimizer (DDP, one process): every moment and step as trained
+    trained = result["trained_moments"]
+    assert "model.embed_tokens.weight" in trained and len(trained) == len(result["weight_keys"]) - 1  # lm_head tied
+    assert result["ddp_moments"] == trained == result["one_process_moments"]
+    # FSDPStrategy ignores a checkpoint's "state_dict": building it would gather the full weights on every rank
+    assert "state_dict" not in result["resumed_entries"] and "lr_schedulers" in result["resumed_entries"]
 
 
 if __name__ == "__main__":
