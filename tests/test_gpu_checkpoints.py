@@ -73,8 +73,10 @@ def _worker(stage: int, gather: bool, folder: str) -> dict:
         loaded = transformers.AutoModelForCausalLM.from_pretrained(folder)(input_ids=batches[3]).logits
 
     resumed_strategy, resumed_engine, resumed_model = strategy_for(1)  # other initial weights: all must come back
+    full_weights = DeepSpeedStrategy(config=config, load_full_weights=True)
+    restores = [gpu_checkpoints.restores_state_dict_entry(s) for s in (resumed_strategy, full_weights)]
     assert gpu_checkpoints.load_engine_checkpoint(resumed_strategy, resumed_model, folder)
-    result = {"files": sorted(os.listdir(folder)), "weights_dtype": dtype,
+    result = {"files": sorted(os.listdir(folder)), "weights_dtype": dtype, "restores_state_dict_entry": restores,
               "from_pretrained_max_diff": (loaded - expected).abs().max().item(),
               "next_loss": step(engine, model, batches[2]), "resumed_next_loss": step(resumed_engine, resumed_model,
                                                                                     batches[2]),
@@ -127,6 +129,9 @@ def test_engine_checkpoint_resumes_exactly_and_its_weights_load_with_from_pretra
     assert result["from_pretrained_max_diff"] < 1e-5  # the consolidated weights are the engine's
     assert result["resumed_next_loss"] == result["next_loss"]  # weights restored
     assert result["resumed_after"] == result["after"]  # fp32 master weights and Adam moments restored
+    # a folder's checkpoint dict holds no "state_dict" (under ZeRO-3 a module.state_dict() gathers): Lightning reads
+    # it only to load full weights into ZeRO-3 shards (load_full_weights)
+    assert result["restores_state_dict_entry"] == [False, CASES[case][0] == 3]
 
 
 @needs_deepspeed
@@ -157,9 +162,13 @@ def test_fsdp1_root_checkpoint_consolidates_and_resumes_exactly(tmp_path):
     # FSDP1's optimizer folder read by an unsharded optimizer (DDP, one process): every moment and step as trained
     trained = result["trained_moments"]
     assert "model.embed_tokens.weight" in trained and len(trained) == len(result["weight_keys"]) - 1  # lm_head tied
-    assert result["ddp_moments"] == trained == result["one_process_moments"]
+    assert result["trained_steps"] == [2]
+    assert result["ddp_differing"] == [] == result["one_process_differing"]
     # FSDPStrategy ignores a checkpoint's "state_dict": building it would gather the full weights on every rank
     assert "state_dict" not in result["resumed_entries"] and "lr_schedulers" in result["resumed_entries"]
+    # as ModelParallelStrategy; DDP and one device load the weights from it (DeepSpeed: in the engine test above)
+    assert result["restores_state_dict_entry"] == {"FSDPStrategy": False, "ModelParallelStrategy": False,
+                                                   "DDPStrategy": True, "SingleDeviceStrategy": True}
 
 
 if __name__ == "__main__":

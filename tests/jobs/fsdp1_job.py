@@ -1,7 +1,8 @@
 """Launched by tests/test_gpu_checkpoints.py with `torchrun --nproc_per_node 2` (CPU, gloo): torch's FSDP1
 (FullyShardedDataParallel) root as Lightning's FSDPStrategy builds it on GPUs (the LightningModule wrapped, decoder
 layers auto-wrapped, use_orig_params=True, activation checkpointing applied after wrapping), held by a real
-FSDPStrategy as its `model`; then the functions checkpoint.py calls for FSDP1 (gpu_checkpoints.py, sharding.py):
+FSDPStrategy (hf_lightning's FolderFSDPStrategy) as its `model`; then the functions checkpoint.py calls for FSDP1
+(gpu_checkpoints.py, sharding.py):
 
     python -m torch.distributed.run --nproc_per_node 2 fsdp1_job.py OUTPUT_DIR
 
@@ -10,13 +11,14 @@ training-state files), then moves the optimizer folder between FSDP1 and unshard
 transformers model's, as under FSDP2 and DDP):
 
 * FSDP1 -> DDP: each rank a plain model whose optimizer reads optimizer_0/; its moments against the FSDP1 root's
-  (gathered whole) on rank 0. That optimizer writes the folder again (DDP's checkpoint);
+  (gathered whole). That optimizer writes the folder again (DDP's checkpoint);
 * DDP -> FSDP1: a root built from other weights resumes the folder as FolderFSDPStrategy.load_checkpoint does
   (sharding.load_checkpoint_folder through FolderCheckpointIO), then takes the same next two steps as the trained one;
 * FSDP1 -> one process: after the process group is gone, rank 0 reads the FSDP1-written folder into a plain model.
 
 Rank 0 prints one JSON line: what was written, the from_pretrained logits against the trained root's, the next two
-losses on both roots, the optimizer comparisons, whether the resumed checkpoint dict held a "state_dict" entry.
+losses on both roots, per unsharded run the names whose optimizer state differs from the trained root's, the entries
+of the checkpoint dict the FSDP1 resume built, which strategies get a "state_dict" entry there.
 """
 
 import json
@@ -31,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch
 import torch.distributed as dist
 import transformers
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -86,7 +89,13 @@ def step(root, optimizer, ids):
 
 def moments(state: dict, prefix: str = "") -> dict:
     """The Adam state of an FQN-keyed optimizer state dict, by the transformers model's names."""
-    return {k[len(prefix):]: {n: v.tolist() for n, v in s.items()} for k, s in state["state"].items()}
+    return {k[len(prefix):]: s for k, s in state["state"].items()}
+
+
+def differing(got: dict, expected: dict) -> list:
+    """The parameter names whose optimizer state (step, exp_avg, exp_avg_sq) is not exactly `expected`'s, or absent."""
+    return sorted(k for k in set(got) | set(expected) if k not in got or k not in expected or got[k].keys() !=
+                  expected[k].keys() or not all(torch.equal(got[k][n], expected[k][n]) for n in got[k]))
 
 
 def plain_optimizer(folder: str):
@@ -143,10 +152,14 @@ result = {
     "from_pretrained_max_diff": (got - expected).abs().max().item(),
     "next": [step(root, optimizer, ids) for ids in batches[2:]],
     "resumed_next": [step(resumed_root, resumed_optimizer, ids) for ids in batches[2:]],
-    "resumed_entries": sorted(resumed), "trained_moments": trained, "ddp_moments": ddp_moments,
+    "resumed_entries": sorted(resumed), "trained_moments": sorted(trained),
+    "trained_steps": sorted({int(v["step"]) for v in trained.values()}),
+    "ddp_differing": differing(ddp_moments, trained),
+    "restores_state_dict_entry": {type(s).__name__: gpu_checkpoints.restores_state_dict_entry(s) for s in (
+        FSDPStrategy(), ModelParallelStrategy(), DDPStrategy(), SingleDeviceStrategy("cpu"))},
 }
 dist.barrier()
 dist.destroy_process_group()
 if rank == 0:  # FSDP1 -> one process, no process group
-    result["one_process_moments"] = plain_optimizer(fsdp1_optimizer)[2]
+    result["one_process_differing"] = differing(plain_optimizer(fsdp1_optimizer)[2], trained)
     print(json.dumps(result))
