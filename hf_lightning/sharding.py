@@ -338,8 +338,8 @@ def load_full_state_dict(model, state_dict: dict, strict: bool = False):
 def _renamed(state: dict, name) -> dict:
     """An optimizer state dict of torch's distributed state-dict functions (keyed by parameter names) with every
     name replaced by `name(old)`."""
-    return {**state, "state": {name(k): v for k, v in state["state"].items()},
-            "param_groups": [{**group, "params": [name(k) for k in group["params"]]} for group in state["param_groups"]]}
+    groups = [{**group, "params": [name(k) for k in group["params"]]} for group in state["param_groups"]]
+    return {**state, "state": {name(k): v for k, v in state["state"].items()}, "param_groups": groups}
 
 
 def _file_name(model):
