@@ -929,7 +929,9 @@ def lightning_checkpoint_from_folder(folder: str, module, args) -> dict:
         "pytorch-lightning_version": lightning.__version__,
         "epoch": int(trainer_state.get("epoch") or 0),
         "global_step": trainer_state["global_step"],
-        "state_dict": module.state_dict(),  # the weights just loaded (Lightning copies them onto themselves)
+        # the weights just loaded (Lightning copies them onto themselves); not built where Lightning ignores it
+        **({"state_dict": module.state_dict()} if gpu_checkpoints.restores_state_dict_entry(module.trainer.strategy)
+           else {}),
         "optimizer_states": optional(OPTIMIZER_NAME),
         "lr_schedulers": optional(SCHEDULER_NAME),
         "callbacks": {FLOW_KEY: {"trainer_state": json.dumps(trainer_state, sort_keys=True),

@@ -14,6 +14,7 @@
     FSDP1       model.safetensors     gathered from the FSDP root (Lightning wraps the LightningModule) by torch's
                                       get_model_state_dict(full_state_dict=True, cpu_offload=True), written by rank 0
                 optimizer_0/          the optimizer as a torch distributed checkpoint, as the FSDP2 path writes it
+                                      (the transformers model's names: it resumes under FSDP2, DDP, one process)
 
 The LightningModule is what both strategies wrap, so their names carry its `model.` prefix; the files do not.
 """
@@ -124,7 +125,29 @@ def optimizer_root(strategy, model):
     return model if root is None else root
 
 
+def optimizer_prefix(module) -> str:
+    """The prefix of the transformers model's parameter names among `module`'s: PREFIX for FSDP1's root (it wraps
+    the LightningModule), none for the model itself (FSDP2, DDP, one process). The DCP optimizer folder holds the
+    names without it, so that it moves between all of them."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return PREFIX if isinstance(module, FullyShardedDataParallel) else ""
+
+
 # ---------------------------------------------------------------------- loading
+
+
+def restores_state_dict_entry(strategy) -> bool:
+    """Whether Lightning restores weights from the "state_dict" entry of the checkpoint a strategy's load_checkpoint
+    returns. FSDPStrategy and ModelParallelStrategy override load_model_state_dict to do nothing, as DeepSpeedStrategy
+    does but with load_full_weights under ZeRO-3 (Lightning 2.6.6): their checkpoint-N folders' weights go into the
+    shards in load_checkpoint already, and a module.state_dict() there would gather the full weights on every rank
+    (FSDP1) for nothing."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    if isinstance(strategy, DeepSpeedStrategy):
+        return bool(strategy.load_full_weights and strategy.zero_stage_3)
+    return not isinstance(strategy, (FSDPStrategy, ModelParallelStrategy))
 
 
 def load_engine_checkpoint(strategy, model, folder: str, load_optimizer: bool = True) -> bool:

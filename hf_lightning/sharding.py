@@ -335,12 +335,28 @@ def load_full_state_dict(model, state_dict: dict, strict: bool = False):
     return result
 
 
+def _renamed(state: dict, name) -> dict:
+    """An optimizer state dict of torch's distributed state-dict functions (keyed by parameter names) with every
+    name replaced by `name(old)`."""
+    groups = [{**group, "params": [name(k) for k in group["params"]]} for group in state["param_groups"]]
+    return {**state, "state": {name(k): v for k, v in state["state"].items()}, "param_groups": groups}
+
+
+def _file_name(model):
+    """`model`'s parameter name -> the name in the files: the transformers model's (gpu_checkpoints.optimizer_prefix),
+    so that one folder resumes under FSDP1, FSDP2, DDP or one process."""
+    from .gpu_checkpoints import optimizer_prefix
+
+    prefix = optimizer_prefix(model)
+    return lambda name: name[len(prefix):] if prefix and name.startswith(prefix) else name
+
+
 def save_optimizer(model, optimizer, folder: str) -> None:
     """The optimizer state as a DCP folder (FQN-keyed, each rank its shard). Every rank must call it."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    dcp.save({_DCP_KEY: get_optimizer_state_dict(model, optimizer)}, checkpoint_id=folder)
+    dcp.save({_DCP_KEY: _renamed(get_optimizer_state_dict(model, optimizer), _file_name(model))}, checkpoint_id=folder)
 
 
 def load_optimizer(model, optimizer, folder: str) -> None:
@@ -348,10 +364,13 @@ def load_optimizer(model, optimizer, folder: str) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-    state = {_DCP_KEY: get_optimizer_state_dict(model, optimizer)}
+    own = get_optimizer_state_dict(model, optimizer)
+    file_name = _file_name(model)
+    own_name = {file_name(k): k for group in own["param_groups"] for k in group["params"]}
+    state = {_DCP_KEY: _renamed(own, file_name)}
     try:
         dcp.load(state, checkpoint_id=folder)
     except Exception as err:  # noqa: BLE001 - re-raised with the folder named
         raise ValueError(f"Cannot read the optimizer state from {folder!r} ({type(err).__name__}: {err}). Resume "
                          "with the optimizer and model the checkpoint was written with.") from err
-    set_optimizer_state_dict(model, optimizer, state[_DCP_KEY])
+    set_optimizer_state_dict(model, optimizer, _renamed(state[_DCP_KEY], lambda k: own_name.get(k, k)))

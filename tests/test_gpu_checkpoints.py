@@ -73,8 +73,10 @@ def _worker(stage: int, gather: bool, folder: str) -> dict:
         loaded = transformers.AutoModelForCausalLM.from_pretrained(folder)(input_ids=batches[3]).logits
 
     resumed_strategy, resumed_engine, resumed_model = strategy_for(1)  # other initial weights: all must come back
+    full_weights = DeepSpeedStrategy(config=config, load_full_weights=True)
+    restores = [gpu_checkpoints.restores_state_dict_entry(s) for s in (resumed_strategy, full_weights)]
     assert gpu_checkpoints.load_engine_checkpoint(resumed_strategy, resumed_model, folder)
-    result = {"files": sorted(os.listdir(folder)), "weights_dtype": dtype,
+    result = {"files": sorted(os.listdir(folder)), "weights_dtype": dtype, "restores_state_dict_entry": restores,
               "from_pretrained_max_diff": (loaded - expected).abs().max().item(),
               "next_loss": step(engine, model, batches[2]), "resumed_next_loss": step(resumed_engine, resumed_model,
                                                                                     batches[2]),
@@ -127,6 +129,9 @@ def test_engine_checkpoint_resumes_exactly_and_its_weights_load_with_from_pretra
     assert result["from_pretrained_max_diff"] < 1e-5  # the consolidated weights are the engine's
     assert result["resumed_next_loss"] == result["next_loss"]  # weights restored
     assert result["resumed_after"] == result["after"]  # fp32 master weights and Adam moments restored
+    # a folder's checkpoint dict holds no "state_dict" (under ZeRO-3 a module.state_dict() gathers): Lightning reads
+    # it only to load full weights into ZeRO-3 shards (load_full_weights)
+    assert result["restores_state_dict_entry"] == [False, CASES[case][0] == 3]
 
 
 @needs_deepspeed
@@ -139,7 +144,8 @@ def test_zero3_weights_without_gathering_come_from_a_fresh_engine_checkpoint_and
 
 def test_fsdp1_root_checkpoint_consolidates_and_resumes_exactly(tmp_path):
     """torch's FSDP1 on 2 gloo CPU processes, wrapped as Lightning's FSDPStrategy wraps on GPUs (jobs/fsdp1_job.py):
-    names without FSDP's and the checkpoint wrapper's prefixes, tied weights, the DCP optimizer over the root."""
+    names without FSDP's and the checkpoint wrapper's prefixes, tied weights, the DCP optimizer under the
+    transformers model's names, so that it moves between FSDP1, DDP and one process."""
     from test_distributed import TORCHRUN, free_port
 
     proc = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()),
@@ -153,6 +159,16 @@ def test_fsdp1_root_checkpoint_consolidates_and_resumes_exactly(tmp_path):
     assert {"model.safetensors", "optimizer_0"} <= set(result["files"])
     assert result["from_pretrained_max_diff"] < 1e-6
     assert result["resumed_next"] == result["next"]  # weights, then Adam moments: the same two next steps
+    # FSDP1's optimizer folder read by an unsharded optimizer (DDP, one process): every moment and step as trained
+    trained = result["trained_moments"]
+    assert "model.embed_tokens.weight" in trained and len(trained) == len(result["weight_keys"]) - 1  # lm_head tied
+    assert result["trained_steps"] == [2]
+    assert result["ddp_differing"] == [] == result["one_process_differing"]
+    # FSDPStrategy ignores a checkpoint's "state_dict": building it would gather the full weights on every rank
+    assert "state_dict" not in result["resumed_entries"] and "lr_schedulers" in result["resumed_entries"]
+    # as ModelParallelStrategy; DDP and one device load the weights from it (DeepSpeed: in the engine test above)
+    assert result["restores_state_dict_entry"] == {"FSDPStrategy": False, "ModelParallelStrategy": False,
+                                                   "DDPStrategy": True, "SingleDeviceStrategy": True}
 
 
 if __name__ == "__main__":
