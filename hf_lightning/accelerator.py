@@ -468,6 +468,10 @@ class LightningAccelerator:
         sample tp_size times. Without tensor parallelism: `gather`."""
         return self._gather(tensor, self._data_parallel_group())
 
+    def gather_object_data_parallel(self, obj: Any) -> list | Any:
+        """hf_lightning's own: `gather_object` over the data-parallel ranks only (see `gather_data_parallel`)."""
+        return self._gather_object(obj, self._data_parallel_group())
+
     def _data_parallel_group(self):
         """The process group of this rank's data-parallel peers under a ModelParallelStrategy with tensor parallelism
         (its mesh's "data_parallel" dimension), None otherwise (all processes are data-parallel peers)."""

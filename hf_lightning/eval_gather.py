@@ -78,8 +78,6 @@ class WindowGather:
 
     def __init__(self, accelerator, trim: bool):
         self.accelerator = accelerator
-        # under tensor parallelism the ranks of one TP group hold the same rows: gather over the data-parallel peers
-        self.group = accelerator._data_parallel_group()
         self.trim = trim  # gather_for_metrics (cut the last batch to `remainder`); False: gather (keep every row)
         self.batches: list[dict[str, Any]] = []
         self.cuts: list[int] = []
@@ -100,7 +98,8 @@ class WindowGather:
         self.batches, self.cuts = [], []
         leaves = [{name: _leaves(value) for name, value in batch.items()} for batch in batches]
         local = [{name: [tuple(t.shape) for t in ts] for name, ts in batch.items()} for batch in leaves]
-        everyone = self.accelerator._gather_object([local], self.group)  # [rank][batch][name][leaf] = shape
+        # under tensor parallelism the ranks of one TP group hold the same rows: the data-parallel peers only
+        everyone = self.accelerator.gather_object_data_parallel([local])  # [rank][batch][name][leaf] = shape
         if any(len(steps) != len(local) for steps in everyone):
             raise RuntimeError(
                 f"evaluation: the processes evaluated {[len(steps) for steps in everyone]} batches in this window; "
@@ -128,7 +127,7 @@ class WindowGather:
         for (name, j), shapes in targets.items():
             flat = torch.cat([_pad(batch[name][j], shape).reshape(-1) for batch, shape in zip(leaves, shapes)])
             # the padded shapes are shared, so every process sends as many elements: a plain all_gather
-            gathered = self.accelerator._gather(flat, self.group).reshape(world, flat.numel())
+            gathered = self.accelerator.gather_data_parallel(flat).reshape(world, flat.numel())
             sizes = [torch.Size(shape).numel() for shape in shapes]
             parts = [row.split(sizes) for row in gathered]
             for s, shape in enumerate(shapes):

@@ -96,9 +96,9 @@ if len(sys.argv) > 3 and sys.argv[3] == "eval37":  # sharded evaluation/predicti
         ddp_backend="gloo", include_for_metrics=["inputs"], disable_tqdm=True, eval_accumulation_steps=2)
     trainer = trainer_cls(tiny_llama(), args=args, data_collator=pad_batch, compute_metrics=metrics)
     gathers = []
-    if framework == "hl":  # counted: the gathers of one prediction (the loop's and pad_across_processes')
-        gather = trainer.accelerator.gather
-        trainer.accelerator.gather = lambda tensor: gathers.append(1) or gather(tensor)
+    if framework == "hl":  # counted: the tensor gathers of one prediction, whichever path (every one goes through _gather)
+        gather = trainer.accelerator._gather
+        trainer.accelerator._gather = lambda tensor, group: gathers.append(1) or gather(tensor, group)
     predicted = trainer.predict([{"input_ids": row} for row in rows])
     results["ragged"] = {"predict": predicted.metrics, "predictions": predicted.predictions.tolist(),
                          "label_ids": predicted.label_ids.tolist(), "rows": rows, "gathers": len(gathers)}
