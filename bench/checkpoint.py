@@ -96,6 +96,27 @@ def run(name, root):
     return {"save": save_s, "stall": stall_s, "cost": cost_s, "resume": resume_s, "size": size, "step": base}
 
 
+def write_floor(mb: int) -> dict:
+    """What writing `mb` MB of files costs this machine's kernel: plain writes from memory then fsync, wall time and
+    the process's system CPU time (os.times). The background writer cannot take less from the cores than this: on a
+    VM whose file system does its work in kernel time, that cost competes with training whatever the writer's
+    priority."""
+    data = torch.randn(mb * 2**20 // 4).numpy().tobytes()
+    root = tempfile.mkdtemp()
+    try:
+        before, start = os.times(), time.perf_counter()
+        path = os.path.join(root, "floor.bin")
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        after = os.times()
+        return {"seconds": time.perf_counter() - start, "system_cpu": after.system - before.system,
+                "user_cpu": after.user - before.user}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def main():
     if "--one" in sys.argv:  # one measurement in this process: its JSON on the last line
         root = tempfile.mkdtemp()
@@ -126,6 +147,12 @@ def main():
         ratio = lambda key: f" ({m[key] / hf[key]:.2f}x)" if hf[key] > 0 else ""  # noqa: E731
         print(f"| {name} | {m['step']:.2f} | {m['save']:.2f}{ratio('save')} | {m['stall']:.2f}{ratio('stall')} | "
               f"{m['cost']:.2f} | {m['resume']:.2f} | {m['size']:.0f} |")
+    size = statistics.median(r["size"] for r in results["transformers.Trainer"])
+    floors = [write_floor(int(size)) for _ in range(rounds)]
+    print(f"\nthe kernel's cost of writing {size:.0f} MB here (plain write + fsync, median of {rounds}): "
+          f"{statistics.median(f['seconds'] for f in floors):.2f} s wall, "
+          f"{statistics.median(f['system_cpu'] for f in floors):.2f} s system CPU, "
+          f"{statistics.median(f['user_cpu'] for f in floors):.2f} s user CPU")
     print("\nper round:", json.dumps({n: [{k: round(v, 2) for k, v in r.items()} for r in rs]
                                       for n, rs in results.items()}))
 
