@@ -210,25 +210,20 @@ def main() -> int:
                     compare_runs(report, f"tp2d vs {other}", os.path.join(root, "tp2d"), os.path.join(root, other),
                                  ("tp2d", other), 1e-5, 1e-5)
             half = cli.steps // 2 // 2 * 2  # checkpoints come every 2 steps
-            resumed = os.path.join(root, "resume")
-            shutil.copytree(os.path.join(root, "tp2d", f"checkpoint-{half}"),
-                            os.path.join(resumed, f"checkpoint-{half}"))
-            seconds, error = launch("tp2d", resumed, cli.steps, resume=True)
-            report.check(f"run tp2d resumed from checkpoint-{half}", error is None,
-                         f"{seconds:.0f} s" if error is None else error)
-            if error is None:
-                compare_runs(report, "tp2d resumed vs uninterrupted", resumed, os.path.join(root, "tp2d"),
-                             ("tp2d", "tp2d"), 1e-6, 1e-6)
-            # another topology reads the same checkpoint: DCP reshards the optimizer from 4 2D shards to 2 TP shards
-            resharded = os.path.join(root, "resume_tp2")
-            shutil.copytree(os.path.join(root, "tp2d", f"checkpoint-{half}"),
-                            os.path.join(resharded, f"checkpoint-{half}"))
-            seconds, error = launch("tp2", resharded, cli.steps, resume=True)
-            report.check(f"run tp2 resumed from tp2d's checkpoint-{half}", error is None,
-                         f"{seconds:.0f} s" if error is None else error)
-            if error is None:
-                compare_runs(report, "tp2 resumed from tp2d vs tp2d", resharded, os.path.join(root, "tp2d"),
-                             ("tp2", "tp2d"), 1e-5, 1e-5)
+            # the same topology resumes bitwise; another one (2 TP shards) reads the same checkpoint, DCP resharding
+            # the optimizer from the 4 2D shards
+            for topology, folder, label, tolerance in (
+                    ("tp2d", "resume", f"tp2d resumed from checkpoint-{half}", 1e-6),
+                    ("tp2", "resume_tp2", f"tp2 resumed from tp2d's checkpoint-{half}", 1e-5)):
+                resumed = os.path.join(root, folder)
+                shutil.copytree(os.path.join(root, "tp2d", f"checkpoint-{half}"),
+                                os.path.join(resumed, f"checkpoint-{half}"))
+                seconds, error = launch(topology, resumed, cli.steps, resume=True)
+                report.check(f"run {label}", error is None, f"{seconds:.0f} s" if error is None else error)
+                if error is None:
+                    name = "tp2d resumed vs uninterrupted" if topology == "tp2d" else "tp2 resumed from tp2d vs tp2d"
+                    compare_runs(report, name, resumed, os.path.join(root, "tp2d"), (topology, "tp2d"),
+                                 tolerance, tolerance)
     finally:
         if not cli.keep:
             shutil.rmtree(root, ignore_errors=True)

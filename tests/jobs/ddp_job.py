@@ -84,12 +84,14 @@ if len(sys.argv) > 3 and sys.argv[3] == "eval37":  # sharded evaluation/predicti
     rng = np.random.default_rng(3)
     rows = [rng.integers(1, 64, size=int(rng.integers(3, 13))).tolist() for _ in range(37)]
 
-    def pad_batch(features):
-        longest = max(len(f["input_ids"]) for f in features)
-        pad = lambda values, value: values + [value] * (longest - len(values))  # noqa: E731
-        return {"input_ids": torch.tensor([pad(f["input_ids"], 0) for f in features]),
-                "attention_mask": torch.tensor([pad([1] * len(f["input_ids"]), 0) for f in features]),
-                "labels": torch.tensor([pad(f["input_ids"], -100) for f in features])}
+    from tokenizers import Tokenizer, models
+
+    # the collator users use for per-token labels: pads input_ids with the tokenizer's pad id, labels with -100, and
+    # yields a BatchEncoding (the tokenizer only supplies the padding; the rows are ids already)
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{f"w{i}": i for i in range(2, 64)}}
+    pad_batch = transformers.DataCollatorForTokenClassification(transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")), pad_token="[PAD]", unk_token="[UNK]"))
+    rows_with_labels = [{"input_ids": row, "labels": row} for row in rows]
 
     args = (transformers.TrainingArguments if framework == "hf" else hf_lightning.TrainingArguments)(
         os.path.join(output_dir, "ragged"), per_device_eval_batch_size=4, report_to="none", use_cpu=True,
@@ -99,7 +101,7 @@ if len(sys.argv) > 3 and sys.argv[3] == "eval37":  # sharded evaluation/predicti
     if framework == "hl":  # counted: the tensor gathers of one prediction, whichever path (every one goes through _gather)
         gather = trainer.accelerator._gather
         trainer.accelerator._gather = lambda tensor, group: gathers.append(1) or gather(tensor, group)
-    predicted = trainer.predict([{"input_ids": row} for row in rows])
+    predicted = trainer.predict(rows_with_labels)
     results["ragged"] = {"predict": predicted.metrics, "predictions": predicted.predictions.tolist(),
                          "label_ids": predicted.label_ids.tolist(), "rows": rows, "gathers": len(gathers)}
     if trainer.is_world_process_zero():
