@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import logging
 import math
 import os
@@ -189,6 +190,12 @@ def eval_sampler(args, dataset):
 class TrainerDataLoader(DataLoader):
     """A DataLoader with what user code reads off accelerate's prepared loaders (transformers' Trainer returns those):
     `total_batch_size` (rows per step over all processes) and `total_dataset_length`."""
+
+    fetch_wrapper = None  # wraps each iteration's batches (CountsAhead.wrap, while an evaluation runs)
+
+    def __iter__(self):
+        iterator = super().__iter__()
+        return iterator if self.fetch_wrapper is None else self.fetch_wrapper(iterator)
 
     @property
     def total_batch_size(self) -> int:
@@ -395,6 +402,71 @@ def num_items_in_batch(batches: list, shifts_labels: bool, args, strategy=None):
     from .tensor_parallel import tp_size
 
     return num_items / tp_size(args)  # transformers: the tp_size ranks of a batch counted it tp_size times
+
+
+class CountsAhead:
+    """transformers' prediction_step counts each evaluation batch's label tokens over all processes
+    (`average_tokens_across_devices`): one collective per batch, whose CPU cost (gloo's threads waking on a busy
+    machine) is paid batch after batch. Here the evaluation's loaders (`wrap`, their `fetch_wrapper` while it runs)
+    fetch `CHUNK` batches at a time and count them in one asynchronous all_reduce, which runs while the batches are
+    evaluated; `take` hands each batch's count to prediction_step. Every process makes the same collectives (one per
+    chunk), and each batch gets transformers' count; a batch whose labels tensor is not the one fetched (moved to an
+    accelerator, replaced by an override) is counted again, as transformers counts it.
+    """
+
+    CHUNK = 16
+
+    def __init__(self, shifts_labels: bool, args):
+        self.shifts_labels = shifts_labels
+        self.args = args
+        self.pending: dict[int, tuple] = {}  # id(labels) -> (the labels tensor, the chunk's counts, index, work)
+
+    @staticmethod
+    def applies() -> bool:
+        """Processes to count over, on the CPU (an accelerator's batch is a copy made after the fetch)."""
+        return (torch.distributed.is_available() and torch.distributed.is_initialized()
+                and torch.distributed.get_world_size() > 1 and torch.distributed.get_backend() == "gloo")
+
+    def wrap(self, iterator: Iterator) -> Iterator:
+        """The loader's batches, each chunk counted over the processes as it is fetched."""
+        if not self.applies():
+            yield from iterator
+            return
+        while chunk := list(itertools.islice(iterator, self.CHUNK)):
+            self.start(chunk)
+            yield from chunk
+
+    def start(self, chunk: list) -> None:
+        counts = torch.zeros(self.CHUNK, dtype=torch.int64)  # the same size on every process, also the last chunk
+        labels = [batch.get("labels") if isinstance(batch, Mapping) else None for batch in chunk]
+        for index, batch in enumerate(chunk):
+            count = count_items([batch], self.shifts_labels) if torch.is_tensor(labels[index]) else None
+            if count is None:
+                labels[index] = None
+            else:
+                counts[index] = count
+        work = torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.SUM, async_op=True)
+        for index, tensor in enumerate(labels):
+            if tensor is not None:
+                self.pending[id(tensor)] = (tensor, counts, index, work)
+
+    def take(self, batch):
+        """The batch's count over the processes (as `num_items_in_batch` returns it), or None where it has none."""
+        labels = batch.get("labels") if isinstance(batch, Mapping) else None
+        entry = self.pending.pop(id(labels), None)
+        if entry is None or entry[0] is not labels:
+            return None
+        tensor, counts, index, work = entry
+        work.wait()
+        from .tensor_parallel import tp_size
+
+        return counts[index] / tp_size(self.args)  # a 0-dim tensor, as the per-batch count
+
+    def close(self) -> None:
+        """Counts never taken (an override that does not count) are done on every process already: wait, drop."""
+        for *_, work in self.pending.values():
+            work.wait()
+        self.pending.clear()
 
 
 def count_items(batches: list, shifts_labels: bool) -> torch.Tensor | None:

@@ -268,7 +268,7 @@ class TrainingFlow(pl.Callback):
             raise ValueError("Trainer: evaluation requires an eval_dataset (control.should_evaluate was set).")
         self._eval_pending = stage
         self._trainer.lightning_module.begin_evaluation(
-            self.eval_prefixes, self.ignore_keys_for_eval, evaluation.EVALUATION
+            list(zip(self.eval_prefixes, self.eval_loaders)), self.ignore_keys_for_eval, evaluation.EVALUATION
         )
         self.run.callback_handler.eval_dataloader = self.eval_loaders[0]
 

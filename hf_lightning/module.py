@@ -49,6 +49,8 @@ class TransformersModule(pl.LightningModule):
         self.flow = None  # the TrainingFlow callback, set while training
         self._runs: list[EvaluationRun] = []
         self.finished_evaluations: list[EvaluationOutput] = []
+        self._fetch_hooked: list = []  # the evaluation's loaders, whose fetches start label-token counts
+        self._counts = None  # data.CountsAhead of the running evaluation
 
     @property
     def hf_trainer(self):
@@ -181,15 +183,26 @@ class TransformersModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ evaluation
 
-    def begin_evaluation(self, prefixes: list[str], ignore_keys, description: str) -> None:
+    def begin_evaluation(self, loaders: list, ignore_keys, description: str) -> None:
+        """`loaders`: [(metric prefix, DataLoader)] of the evaluation Lightning is about to run."""
         self.run_state.memory.start_stage(memory_stage(description))  # nested in "train": ignored, as transformers
-        self._runs = [EvaluationRun(self.run_state.args, prefix, description, ignore_keys) for prefix in prefixes]
+        self._runs = [EvaluationRun(self.run_state.args, prefix, description, ignore_keys) for prefix, _ in loaders]
         self.finished_evaluations = []
+        counts = self.hooks._eval_token_counter()
+        self._fetch_hooked = [loader for _, loader in loaders if isinstance(loader, hf_data.TrainerDataLoader)]
+        for loader in self._fetch_hooked:  # label-token counts start as the batches are fetched
+            loader.fetch_wrapper = None if counts is None else counts.wrap
+        self._counts = counts
 
     def end_evaluation(self) -> None:
         """Drop the gathered predictions once they are reported."""
         self._runs = []
         self.finished_evaluations = []
+        for loader in self._fetch_hooked:
+            loader.fetch_wrapper = None
+        self._fetch_hooked = []
+        if self._counts is not None:
+            self._counts.close()
 
     def on_validation_start(self):
         self._note_model_preparation()

@@ -130,6 +130,7 @@ class Trainer:
         self.lightning_trainer: pl.Trainer | None = None  # created by train()/evaluate()/predict()
         self.lightning_module: TransformersModule | None = None  # the LightningModule around self.model
         self._created_lr_scheduler = False
+        self._eval_counts: hf_data.CountsAhead | None = None  # the running evaluation's label-token counts
         # accelerate's Accelerator API answered by the Lightning strategy in use. As in transformers, its accumulation
         # is 1: training_step scales the loss itself.
         self.accelerator = LightningAccelerator(lambda: self.lightning_trainer, lambda: self.lightning_module,
@@ -326,9 +327,9 @@ class Trainer:
         def loss_fn(batch):
             # the collator's batch itself (a BatchEncoding keeps its attribute access), as transformers passes it
             with self.compute_loss_context_manager():
-                return self._call_compute_loss(
-                    model, batch, return_outputs=True, num_items_in_batch=self._get_num_items_in_batch([batch])
-                )
+                counted = self._eval_counts.take(batch) if self._eval_counts is not None else None
+                num_items = counted if counted is not None else self._get_num_items_in_batch([batch])
+                return self._call_compute_loss(model, batch, return_outputs=True, num_items_in_batch=num_items)
 
         return steps.prediction_step(
             model, inputs, prediction_loss_only, ignore_keys, label_names=self.label_names,
@@ -341,6 +342,16 @@ class Trainer:
             return None
         strategy = self.lightning_trainer.strategy if self.lightning_trainer is not None else None
         return hf_data.num_items_in_batch(batch_samples, self._loss_shifts_labels, self.args, strategy)
+
+    def _eval_token_counter(self) -> hf_data.CountsAhead | None:
+        """The label-token counts of the evaluation that starts, begun as each batch is fetched (data.CountsAhead);
+        None where an override of _get_num_items_in_batch counts."""
+        self._eval_counts = None
+        if self.args.average_tokens_across_devices and (
+            self.model_accepts_loss_kwargs or self.compute_loss_func is not None
+        ) and type(self)._get_num_items_in_batch is Trainer._get_num_items_in_batch:
+            self._eval_counts = hf_data.CountsAhead(self._loss_shifts_labels, self.args)
+        return self._eval_counts
 
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
         main_input = getattr(self.model, "main_input_name", "input_ids")
@@ -438,7 +449,7 @@ class Trainer:
     def _run_evaluation(self, loaders: list[tuple[str, DataLoader]], ignore_keys, description: str):
         """One Lightning validation (evaluate) or test (predict) loop over `loaders`; reported as transformers does."""
         module = self._lightning_module()
-        module.begin_evaluation([prefix for prefix, _ in loaders], ignore_keys, description)
+        module.begin_evaluation(loaders, ignore_keys, description)
         self.callback_handler.eval_dataloader = loaders[0][1]
         trainer = self.lightning_trainer or self._new_lightning_trainer()
         run_loop = trainer.validate if description == evaluation.EVALUATION else trainer.test

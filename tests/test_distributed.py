@@ -141,6 +141,10 @@ def test_sharded_evaluation_of_37_samples(eval37_runs, tmp_path):
     hl["predict"].pop("test_first_tokens"), hf["predict"].pop("test_first_tokens")
     # gathered per eval_accumulation_steps window (3 windows x losses, inputs, logits, labels), not per batch (5 x 7)
     assert hl["gathers"] == 3 * 4
+    # each of a process's 5 batches had its label tokens counted over the processes as it was fetched (one
+    # asynchronous all_reduce per chunk of batches), none again in prediction_step: test_loss, which divides by those
+    # counts, is transformers' own (below)
+    assert hl["counts"] == {"ahead": 5, "again": 0}
     assert numbers(hl["predict"]) == pytest.approx(numbers(hf["predict"]), rel=1e-5)
 
 

@@ -101,9 +101,25 @@ if len(sys.argv) > 3 and sys.argv[3] == "eval37":  # sharded evaluation/predicti
     if framework == "hl":  # counted: the tensor gathers of one prediction, whichever path (every one goes through _gather)
         gather = trainer.accelerator._gather
         trainer.accelerator._gather = lambda tensor, group: gathers.append(1) or gather(tensor, group)
+    # each batch's label-token count over the processes: started as the batch is fetched (taken by prediction_step)
+    # or counted when prediction_step asks
+    counts = {"ahead": 0, "again": 0}
+    if framework == "hl":
+        take, count_again = hf_lightning.data.CountsAhead.take, trainer._get_num_items_in_batch
+
+        def counted(key, function):
+            def wrapper(*args, **kwargs):
+                result = function(*args, **kwargs)
+                counts[key] += result is not None
+                return result
+            return wrapper
+
+        hf_lightning.data.CountsAhead.take = counted("ahead", take)
+        trainer._get_num_items_in_batch = counted("again", count_again)
     predicted = trainer.predict(rows_with_labels)
     results["ragged"] = {"predict": predicted.metrics, "predictions": predicted.predictions.tolist(),
-                         "label_ids": predicted.label_ids.tolist(), "rows": rows, "gathers": len(gathers)}
+                         "label_ids": predicted.label_ids.tolist(), "rows": rows, "gathers": len(gathers),
+                         "counts": counts}
     if trainer.is_world_process_zero():
         with open(os.path.join(output_dir, "eval37.json"), "w") as f:
             json.dump(results, f)
