@@ -414,7 +414,9 @@ class CountsAhead:
     accelerator, replaced by an override) is counted again, as transformers counts it.
     """
 
-    CHUNK = 16
+    # batches per collective, the same on every process: 2,000 rows in batches of 16 on 2 processes measured 0.62x,
+    # 0.61x and 0.55x the 1-process time with 16, 32 and 64 (noise ~0.03); a chunk's batches wait in memory
+    CHUNK = 32
 
     def __init__(self, shifts_labels: bool, args):
         self.shifts_labels = shifts_labels
