@@ -22,7 +22,10 @@ once the writer is done (`BackgroundSave.wait()`).
 from __future__ import annotations
 
 import copy
+import errno
+import io
 import logging
+import mmap
 import os
 import sys
 import threading
@@ -104,11 +107,105 @@ class SnapshotBuffers:
             copied.synchronize()
 
 
+class DirectWriter:
+    """Writes files with O_DIRECT from one page-aligned staging buffer, kept from one file and one save to the next.
+
+    A buffered write puts every byte in the page cache first, and the kernel takes fresh pages for each checkpoint:
+    on a virtual machine the first touch of a page stalls the virtual CPU that touches it while the host backs it,
+    system time that no thread priority lowers. Measured on this project's 2-core VM, torch.save of 640 MB from a
+    thread while the main thread runs 2-thread matmuls: the main thread lost 1.9 s buffered, 0.26 s with O_DIRECT
+    (and 900 MB of plain writes: 3.0 s of system time buffered, 0.05 s direct). Where the file system refuses
+    O_DIRECT, at open or at the first write, the file is written through the page cache instead."""
+
+    CHUNK = 8 << 20
+    ALIGN = 4096  # O_DIRECT's alignment of memory, file offsets and lengths (the logical block size or a multiple)
+
+    def __init__(self):
+        self._staging: mmap.mmap | None = None
+
+    def open(self, path: str):
+        flag = getattr(os, "O_DIRECT", 0)
+        if flag:
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flag, 0o644)
+            except OSError:
+                fd = None
+            if fd is not None:
+                if self._staging is None:
+                    self._staging = mmap.mmap(-1, self.CHUNK)
+                return _DirectFile(fd, path, self._staging, self.ALIGN)
+        return open(path, "wb")
+
+
+class _DirectFile(io.RawIOBase):
+    """A write-only file (torch.save's target) whose bytes go through `staging` to `fd`, opened with O_DIRECT."""
+
+    def __init__(self, fd: int, name: str, staging: mmap.mmap, align: int):
+        super().__init__()
+        self.fd, self.name, self._staging, self._align = fd, name, staging, align
+        self._view = memoryview(staging)
+        self._used = 0  # bytes of the staging buffer holding data not yet written
+        self._written = 0  # bytes already in the file
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def tell(self) -> int:
+        return self._written + self._used
+
+    def write(self, data) -> int:
+        data = memoryview(data).cast("B")
+        size, done = len(data), 0
+        while done < size:
+            room = len(self._view) - self._used
+            take = min(room, size - done)
+            self._view[self._used:self._used + take] = data[done:done + take]
+            self._used += take
+            done += take
+            if self._used == len(self._view):
+                self._write_staging(self._used)
+        return size
+
+    def _write_staging(self, length: int) -> None:
+        view, written = self._view[:length], 0
+        while written < length:
+            try:
+                written += os.write(self.fd, view[written:])
+            except OSError as err:  # a file system that opens O_DIRECT but wants another alignment: buffered
+                import fcntl  # POSIX only, as O_DIRECT
+
+                flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+                if err.errno != errno.EINVAL or not flags & os.O_DIRECT:
+                    raise
+                fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+        self._written += self._used
+        self._used = 0
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            end = self._written + self._used
+            if self._used:  # the tail, padded to the alignment, then the file cut to its real length
+                padded = -(-self._used // self._align) * self._align
+                self._view[self._used:padded] = bytes(padded - self._used)
+                self._write_staging(padded)
+            os.ftruncate(self.fd, end)
+        finally:
+            self._view.release()
+            os.close(self.fd)
+            super().close()
+
+
 class BackgroundSave(pl.Callback):
     """Owns the writer thread and the snapshot buffers of one `fit`; checkpoint.save_checkpoint hands it the writes."""
 
     def __init__(self):
         self.buffers = SnapshotBuffers()
+        self.files = DirectWriter()
         self._executor: ThreadPoolExecutor | None = None
         self._pending: list[Future] = []  # in submission order; the single writer runs them in that order
         self._prepared = False

@@ -308,7 +308,11 @@ def save_checkpoint(hooks: TrainerHooks, run: RunState, lightning_trainer, trial
             if write_model is not None:
                 write_model()
             for file_name, value in files:
-                torch.save(value, os.path.join(tmp_dir, file_name))
+                if background is None:
+                    torch.save(value, os.path.join(tmp_dir, file_name))
+                else:  # the writer thread: around the page cache (background_save.DirectWriter)
+                    with background.files.open(os.path.join(tmp_dir, file_name)) as f:
+                        torch.save(value, f)
             if trainer_state is not None:
                 trainer_state.save_to_json(os.path.join(tmp_dir, TRAINER_STATE_NAME))
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
@@ -213,7 +214,7 @@ def test_training_goes_on_while_the_background_writer_writes(tmp_path, monkeypat
     real_save = torch.save
 
     def held_save(obj, f, *args, **kwargs):
-        if threading.current_thread() is not threading.main_thread() and str(f).endswith(
+        if threading.current_thread() is not threading.main_thread() and str(getattr(f, "name", f)).endswith(
                 os.path.join("tmp-checkpoint-2", "optimizer.pt")):
             seen["released_in_time"] = released.wait(timeout=120)
         return real_save(obj, f, *args, **kwargs)
@@ -243,13 +244,77 @@ def test_training_goes_on_while_the_background_writer_writes(tmp_path, monkeypat
     assert not [t for t in threading.enumerate() if t.name.startswith("hf_lightning-checkpoint")]
 
 
+def test_background_writer_bypasses_the_page_cache(tmp_path, monkeypatch):
+    """async_save's writer writes optimizer.pt with O_DIRECT (on this VM, filling the page cache is what stalled
+    training): the file torch.save gets is open with O_DIRECT, and it loads as a synchronous save's file."""
+    opened = {}
+    real_save = torch.save
+
+    def watched_save(obj, f, *args, **kwargs):
+        if str(getattr(f, "name", f)).endswith("optimizer.pt"):
+            with open(f"/proc/self/fdinfo/{f.fileno()}") as info:
+                flags = next(int(line.split()[1], 8) for line in info if line.startswith("flags:"))
+            opened["direct"] = bool(flags & os.O_DIRECT)
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", watched_save)
+    _trainer(tmp_path / "async", max_steps=2, async_save=True).train()
+    assert opened == {"direct": True}
+    monkeypatch.setattr(torch, "save", real_save)
+    _trainer(tmp_path / "sync", max_steps=2).train()
+    assert_same_state(torch.load(tmp_path / "async" / "checkpoint-2" / "optimizer.pt", weights_only=True),
+                      torch.load(tmp_path / "sync" / "checkpoint-2" / "optimizer.pt", weights_only=True))
+
+
+def test_direct_writer_files_and_its_fallback(tmp_path, monkeypatch):
+    """Files of every length (a tail shorter than the alignment, exact chunks, several chunks) read back exactly;
+    where the file system refuses O_DIRECT, a plain buffered file is written instead."""
+    import errno
+
+    from hf_lightning.background_save import DirectWriter
+
+    writer, rng = DirectWriter(), np.random.default_rng(0)
+    for size in (0, 1, 4095, 4096, DirectWriter.CHUNK, DirectWriter.CHUNK + 12345, 3 * DirectWriter.CHUNK - 1):
+        data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+        with writer.open(str(tmp_path / "f.bin")) as f:
+            assert f.write(data[: size // 3]) + f.write(data[size // 3:]) == size
+        assert (tmp_path / "f.bin").read_bytes() == data, size
+    real_open = os.open
+
+    def no_direct(path, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    real_write, refused = os.write, []
+
+    def refuse_direct_writes(fd, data):  # opens with O_DIRECT, then refuses its writes (another alignment)
+        import fcntl
+
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", refuse_direct_writes)
+    data = rng.integers(0, 256, DirectWriter.CHUNK + 5, dtype=np.uint8).tobytes()
+    with writer.open(str(tmp_path / "h.bin")) as f:
+        f.write(data)
+    assert len(refused) == 1 and (tmp_path / "h.bin").read_bytes() == data
+    monkeypatch.setattr(os, "write", real_write)
+    monkeypatch.setattr(os, "open", no_direct)
+    with writer.open(str(tmp_path / "g.bin")) as f:
+        f.write(b"abc")
+    assert not hasattr(f, "fd") and (tmp_path / "g.bin").read_bytes() == b"abc"
+
+
 def test_background_write_errors_surface(tmp_path, monkeypatch):
     import errno
 
     real_save = torch.save
 
     def disk_full(obj, f, *args, **kwargs):
-        if str(f).endswith("optimizer.pt"):
+        if str(getattr(f, "name", f)).endswith("optimizer.pt"):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(obj, f, *args, **kwargs)
 
@@ -356,7 +421,7 @@ def _optimizer_file_held_until_flushed(monkeypatch, fail_flush: bool = False) ->
         return real_fdatasync(fd)
 
     def save(obj, f, *args, **kwargs):
-        if str(f).endswith("optimizer.pt") and "model_flushed_first" not in seen:
+        if str(getattr(f, "name", f)).endswith("optimizer.pt") and "model_flushed_first" not in seen:
             deadline = time.monotonic() + 10
             flushed = (lambda: seen["flushed"]) if fail_flush else (lambda: "model.safetensors" in seen["flushed"])
             while not flushed() and time.monotonic() < deadline:

@@ -107,6 +107,7 @@ def install_kill_point(point: str) -> None:
 
         def write(*args, **kwargs):
             path = kwargs.get(keyword, args[position] if len(args) > position else None)
+            path = getattr(path, "name", path)  # async_save's writer hands torch.save an open file
             result = real(*args, **kwargs)
             if (isinstance(path, (str, os.PathLike)) and kind == f"write:{os.path.basename(path)}"
                     and folder.search(os.path.basename(os.path.dirname(os.fspath(path))))):
