@@ -5,7 +5,8 @@ Each measurement is a fresh process (`--one NAME`) that trains a Llama (81M para
 with a save at step 4, then resumes from that checkpoint in a fresh Trainer. Reported, as medians over the rounds
 (each round runs every framework once, so machine noise hits them alike): time of the save (on_save minus the step
 end; for async_save, the time the training thread spends on it), the stall (the step interval that holds the save
-minus the median of the intervals without a save: what a save costs training at that step), the whole cost to
+minus the median of the intervals without a save: what a save costs training at that step; the same at the run's
+second save, step 8, where a process has written files before: the steady state of a long run), the whole cost to
 training (the sum over the save's interval and every later one of its excess over that median: with async_save, the
 writer's competition for the cores shows up here), time from train(resume) to the first resumed step, and the
 checkpoint folder's size. hf_lightning's folders hold exactly transformers' files by default; `--export` adds a row
@@ -84,8 +85,9 @@ def run(name, root):
     ends = clock.marks["step_end"]
     save_s = clock.marks["save"][SAVE_AT] - ends[SAVE_AT]
     intervals = {step: ends[step] - ends[step - 1] for step in range(2, STEPS + 1)}
-    base = statistics.median(v for step, v in intervals.items() if step != SAVE_AT + 1)
+    base = statistics.median(v for step, v in intervals.items() if step not in (SAVE_AT + 1, 2 * SAVE_AT + 1))
     stall_s = intervals[SAVE_AT + 1] - base
+    stall2_s = intervals[2 * SAVE_AT + 1] - base  # the run's second save (step 8): pages of earlier files exist
     cost_s = sum(max(intervals[step] - base, 0.0) for step in range(SAVE_AT + 1, STEPS + 1))
     size = folder_mb(os.path.join(out, f"checkpoint-{SAVE_AT}"))
     clock2 = Clock()
@@ -93,7 +95,8 @@ def run(name, root):
     trainer_cls(model(), args=args, train_dataset=data, callbacks=[clock2]).train(
         resume_from_checkpoint=os.path.join(out, f"checkpoint-{SAVE_AT}"))
     resume_s = clock2.marks["step_end"][SAVE_AT + 1] - start
-    return {"save": save_s, "stall": stall_s, "cost": cost_s, "resume": resume_s, "size": size, "step": base}
+    return {"save": save_s, "stall": stall_s, "stall2": stall2_s, "cost": cost_s, "resume": resume_s, "size": size,
+            "step": base}
 
 
 def write_floor(mb: int) -> dict:
@@ -138,15 +141,15 @@ def main():
             if done.returncode != 0:
                 sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
             results[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
-    print("| framework | step (s) | save (s) | stall around the save (s) | whole cost to training (s) "
-          "| resume to first step (s) | checkpoint size (MB) |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    hf = {key: statistics.median(r[key] for r in results["transformers.Trainer"]) for key in ("save", "stall")}
+    print("| framework | step (s) | save (s) | stall around the save (s) | stall around the second save (s) "
+          "| whole cost to training (s) | resume to first step (s) | checkpoint size (MB) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    hf = {key: statistics.median(r[key] for r in results["transformers.Trainer"]) for key in ("save", "stall", "stall2")}
     for name in names:
         m = {key: statistics.median(r[key] for r in results[name]) for key in results[name][0]}
         ratio = lambda key: f" ({m[key] / hf[key]:.2f}x)" if hf[key] > 0 else ""  # noqa: E731
         print(f"| {name} | {m['step']:.2f} | {m['save']:.2f}{ratio('save')} | {m['stall']:.2f}{ratio('stall')} | "
-              f"{m['cost']:.2f} | {m['resume']:.2f} | {m['size']:.0f} |")
+              f"{m['stall2']:.2f}{ratio('stall2')} | {m['cost']:.2f} | {m['resume']:.2f} | {m['size']:.0f} |")
     size = statistics.median(r["size"] for r in results["transformers.Trainer"])
     floors = [write_floor(int(size)) for _ in range(rounds)]
     print(f"\nthe kernel's cost of writing {size:.0f} MB here (plain write + fsync, median of {rounds}): "

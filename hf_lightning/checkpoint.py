@@ -769,7 +769,7 @@ def _replace_dir_atomically(tmp_dir: str, final_dir: str) -> None:
     which `_last_checkpoint` counts and `_clean_interrupted_saves` puts back."""
     for root, _, files in os.walk(tmp_dir):
         for name in files:
-            _fsync(os.path.join(root, name))
+            _fsync(os.path.join(root, name), release_pages=True)
         _fsync(root, directory=True)
     parent, name = os.path.split(final_dir)
     old_dir = os.path.join(parent, f"tmp-old-{name}")
@@ -834,12 +834,18 @@ class EarlyWriteback:
                 self._flushed[path] = version
 
 
-def _fsync(path: str, directory: bool = False) -> None:
+def _fsync(path: str, directory: bool = False, release_pages: bool = False) -> None:
+    """`release_pages`: once the file is on disk, its page-cache pages go back to the kernel's free pages, from
+    which the next checkpoint's writes take theirs (on a VM, writing into fresh pages is most of a save's cost:
+    see background_save.DirectWriter). Nothing reads a checkpoint's files in the process that wrote them, but a
+    `load_best_model_at_end`, from the disk."""
     if directory and os.name != "posix":  # only POSIX can open and flush a directory
         return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+        if release_pages and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
 

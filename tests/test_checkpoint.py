@@ -266,6 +266,35 @@ def test_background_writer_bypasses_the_page_cache(tmp_path, monkeypatch):
                       torch.load(tmp_path / "sync" / "checkpoint-2" / "optimizer.pt", weights_only=True))
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="posix_fadvise, and /proc for the paths")
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async_save"])
+def test_saved_files_release_their_page_cache(tmp_path, monkeypatch, async_save):
+    """Once a checkpoint's file is on disk its page-cache pages are released (POSIX_FADV_DONTNEED after its fsync),
+    so that the next save writes into re-used pages: every file of every checkpoint, each after its fsync."""
+    events = []
+    real_fsync, real_fadvise = os.fsync, os.posix_fadvise
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def fadvise(fd, offset, length, advice):
+        if advice == os.POSIX_FADV_DONTNEED:
+            events.append(("release", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fadvise(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    _trainer(tmp_path, max_steps=4, async_save=async_save).train()
+    released = [path for kind, path in events if kind == "release"]
+    for step in (2, 4):
+        names = sorted(os.listdir(tmp_path / f"checkpoint-{step}"))
+        assert sorted(os.path.basename(p) for p in released if f"tmp-checkpoint-{step}" in p) == names
+    for index, (kind, path) in enumerate(events):
+        if kind == "release":
+            assert events[index - 1] == ("fsync", path)
+
+
 def test_direct_writer_files_and_its_fallback(tmp_path, monkeypatch):
     """Files of every length (a tail shorter than the alignment, exact chunks, several chunks) read back exactly;
     where the file system refuses O_DIRECT, a plain buffered file is written instead."""
