@@ -9,6 +9,10 @@ on two cores); inductor gave the same 20 losses within 6e-8 when run by hand.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import threading
+
 import accelerate.utils.memory
 import pytest
 import safetensors
@@ -114,3 +118,27 @@ def test_torch_compile_trains_like_eager_and_checkpoints_uncompiled_names(tmp_pa
     resumed.train(resume_from_checkpoint=str(tmp_path / "compiled" / "checkpoint-10"))
     tail = [e["loss"] for e in resumed.state.log_history if "loss" in e and e["step"] > 10]
     assert tail == pytest.approx(compiled[10:], abs=1e-4)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads thread states from Linux's /proc")
+def test_exit_handler_waits_for_running_threads():
+    """The process group's exit handler returns only once no other thread is runnable: a gloo worker still releasing
+    a finished collective's tensors when the interpreter shuts down aborts the process (the FSDP2 jobs of
+    test_sharding.py assert that no rank prints "terminate called")."""
+    from hf_lightning.features import wait_for_idle_threads
+
+    stop = threading.Event()
+
+    def spin():  # hashing a large buffer runs without the GIL, as a collective's worker thread does
+        data = b"x" * 10_000_000
+        while not stop.is_set():
+            hashlib.sha256(data)
+
+    worker = threading.Thread(target=spin)
+    worker.start()
+    try:
+        assert wait_for_idle_threads(0.3) is False
+    finally:
+        stop.set()
+        worker.join()
+    assert wait_for_idle_threads(2.0) is True
