@@ -8,8 +8,9 @@ end; for async_save, the time the training thread spends on it), the stall (the 
 minus the median of the intervals without a save: what a save costs training at that step; the same at the run's
 second save, step 8, where a process has written files before: the steady state of a long run), the whole cost to
 training (the sum over the save's interval and every later one of its excess over that median: with async_save, the
-writer's competition for the cores shows up here), time from train(resume) to the first resumed step, and the
-checkpoint folder's size. hf_lightning's folders hold exactly transformers' files by default; `--export` adds a row
+writer's competition for the cores shows up here), time from building a Trainer in a fresh process to the end of its
+first step after train(resume_from_checkpoint=) (from the disk: the checkpoint's pages are evicted from the page cache
+first, for every framework, as after a restart on another node), and the checkpoint folder's size. hf_lightning's folders hold exactly transformers' files by default; `--export` adds a row
 with `save_lightning_checkpoint=True` (a second copy of weights and optimizer in lightning.ckpt).
 
     python bench/checkpoint.py [--rounds 3] [--export]   # the 81M Llama (slow on CPU: run it on a quiet machine)
@@ -90,13 +91,44 @@ def run(name, root):
     stall2_s = intervals[2 * SAVE_AT + 1] - base  # the run's second save (step 8): pages of earlier files exist
     cost_s = sum(max(intervals[step] - base, 0.0) for step in range(SAVE_AT + 1, STEPS + 1))
     size = folder_mb(os.path.join(out, f"checkpoint-{SAVE_AT}"))
-    clock2 = Clock()
-    start = time.time()
-    trainer_cls(model(), args=args, train_dataset=data, callbacks=[clock2]).train(
-        resume_from_checkpoint=os.path.join(out, f"checkpoint-{SAVE_AT}"))
-    resume_s = clock2.marks["step_end"][SAVE_AT + 1] - start
+    evict(os.path.join(out, f"checkpoint-{SAVE_AT}"))
+    command = [sys.executable, __file__, "--resume", name, out] + (["--tiny"] if TINY else [])
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"{name} resume failed:\n{done.stderr[-3000:]}")
+    resume_s = json.loads(done.stdout.strip().splitlines()[-1])["resume"]
     return {"save": save_s, "stall": stall_s, "stall2": stall2_s, "cost": cost_s, "resume": resume_s, "size": size,
             "step": base}
+
+
+def resume(name, out):
+    """A fresh process, as a restarted run is, resumes from checkpoint-SAVE_AT: seconds from building the Trainer to
+    the end of the first resumed step."""
+    framework, extra = RUNS[name]
+    trainer_cls = transformers.Trainer if framework == "hf" else hf_lightning.Trainer
+    args_cls = transformers.TrainingArguments if framework == "hf" else hf_lightning.TrainingArguments
+    data = [{"input_ids": row, "labels": row} for row in torch.randint(0, 32000, (2 * STEPS, 128))]
+    args = args_cls(out, per_device_train_batch_size=2, max_steps=STEPS, save_steps=SAVE_AT, report_to="none",
+                    disable_tqdm=True, use_cpu=True, log_level="error", **extra)
+    clock = Clock()
+    start = time.time()
+    trainer_cls(model(), args=args, train_dataset=data, callbacks=[clock]).train(
+        resume_from_checkpoint=os.path.join(out, f"checkpoint-{SAVE_AT}"))
+    return {"resume": clock.marks["step_end"][SAVE_AT + 1] - start}
+
+
+def evict(folder):
+    """Flush the folder's files and drop their pages from the page cache, whoever wrote them, so that every framework
+    resumes from the disk, as a run restarted after a reboot or on another node does (hf_lightning's saves release
+    their pages themselves; transformers' leave them cached, and a resume from cached pages reads ~1 GB less)."""
+    for d, _, names in os.walk(folder):
+        for name in names:
+            fd = os.open(os.path.join(d, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
 
 def write_floor(mb: int) -> dict:
@@ -121,6 +153,10 @@ def write_floor(mb: int) -> dict:
 
 
 def main():
+    if "--resume" in sys.argv:  # the resume of a --one run, in a process of its own
+        at = sys.argv.index("--resume")
+        print(json.dumps(resume(sys.argv[at + 1], sys.argv[at + 2])))
+        return
     if "--one" in sys.argv:  # one measurement in this process: its JSON on the last line
         root = tempfile.mkdtemp()
         try:
