@@ -2,7 +2,7 @@
 `async_save=True`), in one run.
 
 Each measurement is a fresh process (`--one NAME`) that trains a Llama (81M parameters, from config) for 10 steps
-with a save at step 4, then resumes from that checkpoint in a fresh Trainer. Reported, as medians over the rounds
+with a save at step 4, then a fresh process resumes from that checkpoint. Reported, as medians over the rounds
 (each round runs every framework once, so machine noise hits them alike): time of the save (on_save minus the step
 end; for async_save, the time the training thread spends on it), the stall (the step interval that holds the save
 minus the median of the intervals without a save: what a save costs training at that step; the same at the run's
@@ -14,6 +14,8 @@ first, for every framework, as after a restart on another node), and the checkpo
 with `save_lightning_checkpoint=True` (a second copy of weights and optimizer in lightning.ckpt).
 
     python bench/checkpoint.py [--rounds 3] [--export]   # the 81M Llama (slow on CPU: run it on a quiet machine)
+    python bench/checkpoint.py --cuda --rounds 2         # on a CUDA GPU, bf16, batch 32 (bench/gpu.sh runs it)
+    python bench/checkpoint.py --threads 1               # training leaves a core to the writer (a machine with spare cores)
     python bench/checkpoint.py --tiny --rounds 1         # a 2-layer toy: checks that the script runs
 """
 
@@ -35,6 +37,11 @@ import hf_lightning
 
 
 TINY = "--tiny" in sys.argv
+CUDA = "--cuda" in sys.argv  # on the GPU, in bf16, with a larger batch (bench/gpu.sh runs it)
+BATCH = 32 if CUDA else 2
+THREADS = int(sys.argv[sys.argv.index("--threads") + 1]) if "--threads" in sys.argv else None
+# what every measuring process gets from the command line
+PASS = (["--tiny"] if TINY else []) + (["--cuda"] if CUDA else []) + (["--threads", str(THREADS)] if THREADS else [])
 SAVE_AT, STEPS = 4, 10
 
 
@@ -58,6 +65,8 @@ class Clock(transformers.TrainerCallback):
         self.marks = {}
 
     def on_step_end(self, args, state, control, **kwargs):
+        if CUDA:
+            torch.cuda.synchronize()  # the step's kernels done: a step's time, not its launch
         self.marks.setdefault("step_end", {})[state.global_step] = time.time()
 
     def on_save(self, args, state, control, **kwargs):
@@ -72,15 +81,19 @@ RUNS = {  # name: (framework, extra TrainingArguments)
 }
 
 
+def arguments(args_cls, out, extra):
+    return args_cls(out, per_device_train_batch_size=BATCH, max_steps=STEPS, save_steps=SAVE_AT, report_to="none",
+                    disable_tqdm=True, use_cpu=not CUDA, bf16=CUDA, log_level="error", **extra)
+
+
 def run(name, root):
     framework, extra = RUNS[name]
     trainer_cls = transformers.Trainer if framework == "hf" else hf_lightning.Trainer
     args_cls = transformers.TrainingArguments if framework == "hf" else hf_lightning.TrainingArguments
-    ids = torch.randint(0, 32000, (2 * STEPS, 128))
+    ids = torch.randint(0, 32000, (BATCH * STEPS, 128))
     data = [{"input_ids": row, "labels": row} for row in ids]
     out = os.path.join(root, "run")
-    args = args_cls(out, per_device_train_batch_size=2, max_steps=STEPS, save_steps=SAVE_AT, report_to="none",
-                    disable_tqdm=True, use_cpu=True, log_level="error", **extra)
+    args = arguments(args_cls, out, extra)
     clock = Clock()
     trainer_cls(model(), args=args, train_dataset=data, callbacks=[clock]).train()
     ends = clock.marks["step_end"]
@@ -92,7 +105,7 @@ def run(name, root):
     cost_s = sum(max(intervals[step] - base, 0.0) for step in range(SAVE_AT + 1, STEPS + 1))
     size = folder_mb(os.path.join(out, f"checkpoint-{SAVE_AT}"))
     evict(os.path.join(out, f"checkpoint-{SAVE_AT}"))
-    command = [sys.executable, __file__, "--resume", name, out] + (["--tiny"] if TINY else [])
+    command = [sys.executable, __file__, "--resume", name, out] + PASS
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"{name} resume failed:\n{done.stderr[-3000:]}")
@@ -107,9 +120,8 @@ def resume(name, out):
     framework, extra = RUNS[name]
     trainer_cls = transformers.Trainer if framework == "hf" else hf_lightning.Trainer
     args_cls = transformers.TrainingArguments if framework == "hf" else hf_lightning.TrainingArguments
-    data = [{"input_ids": row, "labels": row} for row in torch.randint(0, 32000, (2 * STEPS, 128))]
-    args = args_cls(out, per_device_train_batch_size=2, max_steps=STEPS, save_steps=SAVE_AT, report_to="none",
-                    disable_tqdm=True, use_cpu=True, log_level="error", **extra)
+    data = [{"input_ids": row, "labels": row} for row in torch.randint(0, 32000, (BATCH * STEPS, 128))]
+    args = arguments(args_cls, out, extra)
     clock = Clock()
     start = time.time()
     trainer_cls(model(), args=args, train_dataset=data, callbacks=[clock]).train(
@@ -153,6 +165,11 @@ def write_floor(mb: int) -> dict:
 
 
 def main():
+    if CUDA and not torch.cuda.is_available():
+        print("SKIP: bench/checkpoint.py --cuda needs a CUDA GPU and this machine has none (nothing was run).")
+        return
+    if THREADS:
+        torch.set_num_threads(THREADS)
     if "--resume" in sys.argv:  # the resume of a --one run, in a process of its own
         at = sys.argv.index("--resume")
         print(json.dumps(resume(sys.argv[at + 1], sys.argv[at + 2])))
@@ -167,12 +184,12 @@ def main():
     rounds = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 3
     names = [n for n in RUNS if "--export" in sys.argv or "save_lightning_checkpoint" not in n]
     params = sum(p.numel() for p in model().parameters()) / 1e6
-    print(f"Llama from config, {params:.0f}M parameters, {STEPS} CPU steps of 2x128 tokens, a save at step {SAVE_AT}, "
-          f"{rounds} rounds (medians)\n")
+    print(f"Llama from config, {params:.0f}M parameters, {STEPS} {'bf16 GPU' if CUDA else 'CPU'} steps of {BATCH}x128 tokens, a save at step {SAVE_AT}, "
+          f"{rounds} rounds (medians), {THREADS or torch.get_num_threads()} torch threads of {os.cpu_count()} cores\n")
     results = {name: [] for name in names}
     for _ in range(rounds):
         for name in names:
-            command = [sys.executable, __file__, "--one", name] + (["--tiny"] if TINY else [])
+            command = [sys.executable, __file__, "--one", name] + PASS
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
                 sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
