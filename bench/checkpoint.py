@@ -11,16 +11,20 @@ training (the sum over the save's interval and every later one of its excess ove
 writer's competition for the cores shows up here), time from building a Trainer in a fresh process to the end of its
 first step after train(resume_from_checkpoint=) (from the disk: the checkpoint's pages are evicted from the page cache
 first, for every framework, as after a restart on another node), and the checkpoint folder's size. hf_lightning's folders hold exactly transformers' files by default; `--export` adds a row
-with `save_lightning_checkpoint=True` (a second copy of weights and optimizer in lightning.ckpt).
+with `save_lightning_checkpoint=True` (a second copy of weights and optimizer in lightning.ckpt). The last row is a
+plain PyTorch loop whose save clones the state on the training thread and writes it from a thread (the same two big
+files, fsynced, renamed in): what any background writer costs training on this machine.
 
     python bench/checkpoint.py [--rounds 3] [--export]   # the 81M Llama (slow on CPU: run it on a quiet machine)
     python bench/checkpoint.py --cuda --rounds 2         # on a CUDA GPU, bf16, batch 32 (bench/gpu.sh runs it)
     python bench/checkpoint.py --threads 1               # training leaves a core to the writer (a machine with spare cores)
+    python bench/checkpoint.py --only async_save --rounds 5   # transformers' row and the rows naming async_save
     python bench/checkpoint.py --tiny --rounds 1         # a 2-layer toy: checks that the script runs
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -78,6 +82,7 @@ RUNS = {  # name: (framework, extra TrainingArguments)
     "hf_lightning.Trainer": ("hl", {}),
     "hf_lightning, async_save=True": ("hl", {"async_save": True}),
     "hf_lightning, save_lightning_checkpoint=True": ("hl", {"save_lightning_checkpoint": True}),
+    "raw loop, a writer thread": ("raw", {}),
 }
 
 
@@ -93,9 +98,11 @@ def run(name, root):
     ids = torch.randint(0, 32000, (BATCH * STEPS, 128))
     data = [{"input_ids": row, "labels": row} for row in ids]
     out = os.path.join(root, "run")
-    args = arguments(args_cls, out, extra)
     clock = Clock()
-    trainer_cls(model(), args=args, train_dataset=data, callbacks=[clock]).train()
+    if framework == "raw":
+        raw_train(ids, out, clock)
+    else:
+        trainer_cls(model(), args=arguments(args_cls, out, extra), train_dataset=data, callbacks=[clock]).train()
     ends = clock.marks["step_end"]
     save_s = clock.marks["save"][SAVE_AT] - ends[SAVE_AT]
     intervals = {step: ends[step] - ends[step - 1] for step in range(2, STEPS + 1)}
@@ -114,10 +121,78 @@ def run(name, root):
             "step": base}
 
 
+def raw_train(ids, out, clock):
+    """The floor of a background save: a plain PyTorch loop whose save clones weights and optimizer state on the
+    training thread and hands them to a thread that writes model.safetensors and optimizer.pt, fsyncs them and
+    renames the folder in (no Trainer, no scheduler, RNG or trainer state)."""
+    import threading
+
+    import safetensors.torch
+
+    device = "cuda" if CUDA else "cpu"
+    net = model().to(device)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=5e-5)
+    writer = None
+
+    def write(weights, optim, folder):
+        tmp = folder + ".tmp"
+        os.makedirs(tmp)
+        safetensors.torch.save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        torch.save(optim, os.path.join(tmp, "optimizer.pt"))
+        for name in os.listdir(tmp):
+            fd = os.open(os.path.join(tmp, name), os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        os.rename(tmp, folder)
+
+    clone = lambda obj: {k: clone(v) for k, v in obj.items()} if isinstance(obj, dict) else (  # noqa: E731
+        obj.detach().to("cpu", copy=True) if torch.is_tensor(obj) else copy.deepcopy(obj))
+    for step in range(1, STEPS + 1):
+        batch = ids[(step - 1) * BATCH:step * BATCH].to(device)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=CUDA):
+            loss = net(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        clock.on_step_end(None, transformers.TrainerState(global_step=step), None)
+        if step % SAVE_AT == 0:
+            if writer is not None:
+                writer.join()
+            weights, optim = clone(net.state_dict()), clone(optimizer.state_dict())
+            writer = threading.Thread(target=write, args=(weights, optim, os.path.join(out, f"checkpoint-{step}")))
+            writer.start()
+            clock.on_save(None, transformers.TrainerState(global_step=step), None)
+    writer.join()
+
+
+def raw_resume(out):
+    import safetensors.torch
+
+    device = "cuda" if CUDA else "cpu"
+    ids = torch.randint(0, 32000, (BATCH * STEPS, 128))
+    start = time.time()
+    net = model()
+    folder = os.path.join(out, f"checkpoint-{SAVE_AT}")
+    net.load_state_dict(safetensors.torch.load_file(os.path.join(folder, "model.safetensors")))
+    net.to(device)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=5e-5)
+    optimizer.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True))
+    batch = ids[SAVE_AT * BATCH:(SAVE_AT + 1) * BATCH].to(device)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=CUDA):
+        loss = net(input_ids=batch, labels=batch).loss
+    loss.backward()
+    optimizer.step()
+    if CUDA:
+        torch.cuda.synchronize()
+    return {"resume": time.time() - start}
+
+
 def resume(name, out):
     """A fresh process, as a restarted run is, resumes from checkpoint-SAVE_AT: seconds from building the Trainer to
     the end of the first resumed step."""
     framework, extra = RUNS[name]
+    if framework == "raw":
+        return raw_resume(out)
     trainer_cls = transformers.Trainer if framework == "hf" else hf_lightning.Trainer
     args_cls = transformers.TrainingArguments if framework == "hf" else hf_lightning.TrainingArguments
     data = [{"input_ids": row, "labels": row} for row in torch.randint(0, 32000, (BATCH * STEPS, 128))]
@@ -183,6 +258,9 @@ def main():
         return
     rounds = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 3
     names = [n for n in RUNS if "--export" in sys.argv or "save_lightning_checkpoint" not in n]
+    if "--only" in sys.argv:  # a comma-separated subset of the rows (transformers' is always run: the ratios' base)
+        wanted = sys.argv[sys.argv.index("--only") + 1].split(",")
+        names = [n for n in names if n == "transformers.Trainer" or any(w.strip() in n for w in wanted)]
     params = sum(p.numel() for p in model().parameters()) / 1e6
     print(f"Llama from config, {params:.0f}M parameters, {STEPS} {'bf16 GPU' if CUDA else 'CPU'} steps of {BATCH}x128 tokens, a save at step {SAVE_AT}, "
           f"{rounds} rounds (medians), {THREADS or torch.get_num_threads()} torch threads of {os.cpu_count()} cores\n")

@@ -4,6 +4,10 @@
 # --no-deps -e .: the GPU machines have no index, and hf_lightning imports datasets only where a dataset is one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "SKIP: bench/gpu.sh needs a CUDA GPU and this machine has none (nothing was run)."
+  exit 0
+fi
 python -m pip install -q --no-deps -e . 2>/dev/null || true
 # liger-kernel (hf_liger / hl_liger rows) from a folder of wheels where the machine has no index: WHEELS=/path
 if [ -n "${WHEELS:-}" ]; then
