@@ -36,7 +36,7 @@ from . import checkpoint as ckpt
 from . import compat
 from . import evaluation
 from .optimizers import steps_on_metric
-from .run import RunState, TrainerHooks, TrainingPlan
+from .run import FacadeRef, RunState, TrainerHooks, TrainingPlan
 
 logger = logging.getLogger("hf_lightning")
 hf_logger = logging.getLogger("transformers.trainer")  # where transformers logs these lines (users' config sees them)
@@ -68,7 +68,7 @@ class TrainingFlow(pl.Callback):
 
     def __init__(self, hooks: TrainerHooks, run: RunState, windows, plan: TrainingPlan,
                  resume_from_checkpoint: str | None, ignore_keys_for_eval, eval_loaders=()):
-        self.hooks = hooks
+        self._hooks = FacadeRef(hooks)  # weak: the Trainer is freed when its user drops it (run.FacadeRef)
         self.run = run
         self.windows = windows
         self.plan = plan
@@ -88,6 +88,10 @@ class TrainingFlow(pl.Callback):
         self._rng_from_lightning_ckpt = None
         self._resume = None
         self._trainer: pl.Trainer | None = None
+
+    @property
+    def hooks(self) -> TrainerHooks:
+        return self._hooks()
 
     @property
     def state_key(self) -> str:

@@ -14,6 +14,8 @@ Evaluation batches go through `evaluation.EvaluationRun`.
 from __future__ import annotations
 
 import contextlib
+import inspect
+import sys
 import time
 
 import lightning.pytorch as pl
@@ -25,7 +27,7 @@ from . import data as hf_data
 from .gpu_strategies import engine_grad_norm, is_deepspeed, micro_batch_sync
 from .evaluation import EvaluationOutput, EvaluationRun, announce_evaluation, memory_stage
 from .optimizers import OptimizerQuirks, steps_on_metric
-from .run import RunState, TrainerHooks
+from .run import FacadeRef, RunState, TrainerHooks
 
 
 class TransformersModule(pl.LightningModule):
@@ -40,17 +42,23 @@ class TransformersModule(pl.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         self.model = hooks.model
-        self.hooks = hooks
+        self._hooks = FacadeRef(hooks)  # weak: the Trainer is freed when its user drops it (run.FacadeRef)
         self.run_state = run
         # enough to rebuild the model from the .ckpt alone (a PEFT model's frozen base: from the user, see adapters)
         hparams = {"training_args": run.args.to_dict(), **adapters.model_hparams(self.model)}
-        self.save_hyperparameters(hparams)
+        # frame= given: Lightning's own inspect.currentframe() would keep its frame (and so this one, with the
+        # Trainer in its locals) in a reference cycle until the garbage collector runs
+        self.save_hyperparameters(hparams, frame=inspect.currentframe())
         self.quirks = OptimizerQuirks(None)  # the optimizer's, once configure_optimizers built it
         self.flow = None  # the TrainingFlow callback, set while training
         self._runs: list[EvaluationRun] = []
         self.finished_evaluations: list[EvaluationOutput] = []
         self._fetch_hooked: list = []  # the evaluation's loaders, whose fetches start label-token counts
         self._counts = None  # data.CountsAhead of the running evaluation
+
+    @property
+    def hooks(self) -> TrainerHooks:
+        return self._hooks()
 
     @property
     def hf_trainer(self):
@@ -269,3 +277,26 @@ class TransformersModule(pl.LightningModule):
         if trainer.is_global_zero:
             for lightning_logger in trainer.loggers:
                 lightning_logger.log_metrics(scalars, step=step)
+
+
+def release(lightning_trainer, current: TransformersModule | None = None, run: RunState | None = None,
+            _finalizing=sys.is_finalizing) -> None:
+    """Drop the Lightning side's references to the optimizer, the schedulers and (unless it is `current`'s) the model
+    of a lightning.Trainer that is done with. Lightning's trainer, its LightningModule and its callbacks refer to each
+    other, so without this they would wait for the garbage collector, where transformers.Trainer frees them at once.
+    Called when train() replaces the lightning.Trainer (a search trial's model_init: the last trial's model goes) and
+    when a Trainer is dropped by its user (with its RunState). Not at interpreter exit, where module globals may
+    already be gone and everything is freed anyway."""
+    if _finalizing():
+        return
+    if lightning_trainer is not None:
+        module = lightning_trainer.lightning_module
+        if isinstance(module, TransformersModule):
+            module.quirks = OptimizerQuirks(None)
+            if module is not current:
+                module.model = None
+        lightning_trainer.strategy.optimizers = []
+        lightning_trainer.strategy.lr_scheduler_configs = []
+    if run is not None:
+        handler = run.callback_handler
+        handler.optimizer = handler.lr_scheduler = handler.model = None

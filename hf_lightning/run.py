@@ -13,6 +13,7 @@ floor is explicit:
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -84,6 +85,28 @@ class TrainerHooks(Protocol):
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None: ...
 
     def _finish_current_push(self) -> None: ...
+
+
+class FacadeRef:
+    """How the Lightning side (the LightningModule, the flow callback, trainer.accelerator) reaches the facade: a weak
+    reference. Lightning's trainer, its LightningModule and its callbacks refer to each other; were the facade in
+    that cycle, a Trainer its user drops would wait for the garbage collector with its optimizer state, where
+    transformers.Trainer is freed at once (a sweep building one Trainer after another on a GPU runs out of memory)."""
+
+    __slots__ = ("_ref",)
+
+    def __init__(self, hooks: TrainerHooks):
+        self._ref = weakref.ref(hooks)
+
+    def __reduce__(self):  # a pickled Trainer (a Ray Tune trial's) refers to its own copy
+        return FacadeRef, (self(),)
+
+    def __call__(self) -> TrainerHooks:
+        hooks = self._ref()
+        if hooks is None:
+            raise RuntimeError("the hf_lightning.Trainer of this Lightning trainer was deleted: keep a reference to "
+                               "the hf_lightning.Trainer while you use its lightning_trainer or lightning_module")
+        return hooks
 
 
 class MemoryMetrics(TrainerMemoryTracker):

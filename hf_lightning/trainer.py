@@ -32,8 +32,8 @@ from .callbacks import CallbackHandler, pop_lightning_callback, split_callbacks
 from .features import release_process_group_at_exit
 from .flow import TrainingFlow
 from .loggers import apply_log_levels, make_loggers, quiet_lightning
-from .module import TransformersModule
-from .run import RunState, shared_attribute
+from .module import TransformersModule, release
+from .run import FacadeRef, RunState, shared_attribute
 from .training_args import loop_arguments, translate_arguments
 
 if TYPE_CHECKING:
@@ -133,11 +133,15 @@ class Trainer:
         self._eval_counts: hf_data.CountsAhead | None = None  # the running evaluation's label-token counts
         # accelerate's Accelerator API answered by the Lightning strategy in use. As in transformers, its accumulation
         # is 1: training_step scales the loss itself.
-        self.accelerator = LightningAccelerator(lambda: self.lightning_trainer, lambda: self.lightning_module,
+        me = FacadeRef(self)  # no cycle through the accelerator: a dropped Trainer is freed at once (run.FacadeRef)
+        self.accelerator = LightningAccelerator(lambda: me().lightning_trainer, lambda: me().lightning_module,
                                                 gradient_accumulation_steps=1, cpu=args.use_cpu)
         self._run.on_init_end()
         if getattr(self.model, "config", None) is not None:
             self.model.config.use_cache = self.args.use_cache
+
+    def __del__(self, _release=release):  # dropped: the optimizer is freed now, as transformers' (module.release)
+        _release(self.__dict__.get("lightning_trainer"), None, self.__dict__.get("_run"))  # (bound: at exit too)
 
     # ------------------------------------------------------------------ setup checks
 
@@ -388,6 +392,7 @@ class Trainer:
         kwargs.setdefault("logger", make_loggers(self.args))
         progress.configure_progress(kwargs, self.callback_handler.callbacks, self.args)
         kwargs.update(loop_limits)
+        release(self.lightning_trainer, self.lightning_module)  # the previous fit's references go now, not at a gc
         with quiet_lightning():
             self.lightning_trainer = pl.Trainer(**kwargs)
         launch.use_script_launcher(self.lightning_trainer)  # Lightning's own launcher (devices=N), launch.py

@@ -357,3 +357,32 @@ def test_assert_same_weights_checks_names_before_values():
         assert_same_weights(layers("a", "b"), layers("b", "a"))
     with pytest.raises(AssertionError, match="max diff"):
         assert_same_weights(layers("a"), layers("a", seed=1))
+
+
+@pytest.mark.parametrize("framework", [transformers, hf_lightning], ids=["transformers", "hf_lightning"])
+def test_a_dropped_trainer_frees_its_optimizer_at_once(framework, tmp_path):
+    # transformers.Trainer is freed by reference counting when its user drops it, and a second train() with
+    # model_init (a search trial) drops the first model's optimizer. hf_lightning must not keep them until a gc:
+    # a sweep of Trainers on a GPU would hold two trials' optimizer state at once.
+    import gc
+    import weakref
+
+    args = framework.TrainingArguments(str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to="none",
+                                       save_strategy="no", disable_tqdm=True, use_cpu=True)
+    data, eval_data = classification_dataset(8), classification_dataset(4, seed=1)
+    gc.collect()
+    gc.disable()
+    try:
+        trainer = framework.Trainer(model_init=lambda: tiny_bert(), args=args, train_dataset=data, eval_dataset=eval_data)
+        trainer.train()
+        first, first_model = weakref.ref(trainer.optimizer), weakref.ref(trainer.model)
+        trainer.train()  # model_init: a new model and optimizer
+        assert first() is None, "the first train()'s optimizer outlived it"
+        assert first_model() is None, "the first train()'s model outlived it"
+        trainer.evaluate()
+        optimizer, model, dropped = weakref.ref(trainer.optimizer), weakref.ref(trainer.model), weakref.ref(trainer)
+        del trainer
+        assert dropped() is None and optimizer() is None, "the dropped Trainer or its optimizer waits for a gc"
+        assert model() is None, "the dropped Trainer's model (from model_init) waits for a gc"
+    finally:
+        gc.enable()
