@@ -10,14 +10,15 @@ second save, step 8, where a process has written files before: the steady state 
 training (the sum over the save's interval and every later one of its excess over that median: with async_save, the
 writer's competition for the cores shows up here), time from building a Trainer in a fresh process to the end of its
 first step after train(resume_from_checkpoint=) (from the disk: the checkpoint's pages are evicted from the page cache
-first, for every framework, as after a restart on another node), and the checkpoint folder's size. hf_lightning's folders hold exactly transformers' files by default; `--export` adds a row
-with `save_lightning_checkpoint=True` (a second copy of weights and optimizer in lightning.ckpt). The last row is a
+first, for every framework, as after a restart on another node), and the checkpoint folder's size. hf_lightning's
+folders hold exactly transformers' files by default; `--export` adds a row with `save_lightning_checkpoint=True` (a
+second copy of weights and optimizer in lightning.ckpt). The last row is a
 plain PyTorch loop whose save clones the state on the training thread and writes it from a thread (the same two big
 files, fsynced, renamed in): what any background writer costs training on this machine.
 
     python bench/checkpoint.py [--rounds 3] [--export]   # the 81M Llama (slow on CPU: run it on a quiet machine)
     python bench/checkpoint.py --cuda --rounds 2         # on a CUDA GPU, bf16, batch 32 (bench/gpu.sh runs it)
-    python bench/checkpoint.py --threads 1               # training leaves a core to the writer (a machine with spare cores)
+    python bench/checkpoint.py --threads 1               # training leaves a core to the writer (spare cores)
     python bench/checkpoint.py --only async_save --rounds 5   # transformers' row and the rows naming async_save
     python bench/checkpoint.py --tiny --rounds 1         # a 2-layer toy: checks that the script runs
 """
@@ -262,8 +263,9 @@ def main():
         wanted = sys.argv[sys.argv.index("--only") + 1].split(",")
         names = [n for n in names if n == "transformers.Trainer" or any(w.strip() in n for w in wanted)]
     params = sum(p.numel() for p in model().parameters()) / 1e6
-    print(f"Llama from config, {params:.0f}M parameters, {STEPS} {'bf16 GPU' if CUDA else 'CPU'} steps of {BATCH}x128 tokens, a save at step {SAVE_AT}, "
-          f"{rounds} rounds (medians), {THREADS or torch.get_num_threads()} torch threads of {os.cpu_count()} cores\n")
+    print(f"Llama from config, {params:.0f}M parameters, {STEPS} {'bf16 GPU' if CUDA else 'CPU'} steps of "
+          f"{BATCH}x128 tokens, a save at step {SAVE_AT}, {rounds} rounds (medians), "
+          f"{THREADS or torch.get_num_threads()} torch threads of {os.cpu_count()} cores\n")
     results = {name: [] for name in names}
     for _ in range(rounds):
         for name in names:

@@ -373,7 +373,8 @@ def test_a_dropped_trainer_frees_its_optimizer_at_once(framework, tmp_path):
     gc.collect()
     gc.disable()
     try:
-        trainer = framework.Trainer(model_init=lambda: tiny_bert(), args=args, train_dataset=data, eval_dataset=eval_data)
+        trainer = framework.Trainer(model_init=lambda: tiny_bert(), args=args, train_dataset=data,
+                                    eval_dataset=eval_data)
         trainer.train()
         first, first_model = weakref.ref(trainer.optimizer), weakref.ref(trainer.model)
         trainer.train()  # model_init: a new model and optimizer
@@ -386,3 +387,16 @@ def test_a_dropped_trainer_frees_its_optimizer_at_once(framework, tmp_path):
         assert model() is None, "the dropped Trainer's model (from model_init) waits for a gc"
     finally:
         gc.enable()
+
+
+def test_the_lightning_side_of_a_dropped_trainer_says_to_keep_it(tmp_path):
+    # The Lightning side refers to the Trainer weakly (run.FacadeRef): used after its Trainer was dropped, it says so.
+    args = hf_lightning.TrainingArguments(str(tmp_path), max_steps=1, per_device_train_batch_size=4,
+                                          report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True)
+    trainer = hf_lightning.Trainer(tiny_bert(), args=args, train_dataset=classification_dataset(4))
+    trainer.train()
+    module = trainer.lightning_module
+    assert module.hf_trainer is trainer  # the Trainer itself, not a proxy
+    del trainer
+    with pytest.raises(RuntimeError, match="keep a reference to the hf_lightning.Trainer"):
+        module.hf_trainer
