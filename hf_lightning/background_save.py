@@ -136,6 +136,37 @@ class DirectWriter:
                 return _DirectFile(fd, path, self._staging, self.ALIGN)
         return open(path, "wb")
 
+    def write_safetensors(self, path: str, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+        """safetensors.torch.save_file(tensors, path, metadata), byte for byte, written through `open`: the header
+        (8 bytes of its length, then its JSON padded with spaces to a multiple of 8) lists the tensors in the order
+        safetensors lays them out, taken from safetensors itself (one-element stand-ins: by dtype, then name), and
+        their bytes follow in that order. A big-endian host gets save_file (safetensors swaps the bytes there)."""
+        import json
+        import struct
+
+        import safetensors.torch
+
+        if sys.byteorder != "little":
+            safetensors.torch.save_file(tensors, path, metadata)
+            return
+        probe = safetensors.torch.save({name: torch.zeros(1, dtype=t.dtype) for name, t in tensors.items()})
+        layout = json.loads(probe[8:8 + struct.unpack("<Q", probe[:8])[0]])
+        header, offset = ({"__metadata__": metadata} if metadata else {}), 0
+        for name, entry in layout.items():
+            if name != "__metadata__":
+                size = tensors[name].numel() * tensors[name].element_size()
+                header[name] = {"dtype": entry["dtype"], "shape": list(tensors[name].shape),
+                                "data_offsets": [offset, offset + size]}
+                offset += size
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        text += b" " * (-len(text) % 8)
+        with self.open(path) as f:
+            f.write(struct.pack("<Q", len(text)))
+            f.write(text)
+            for name in header:
+                if name != "__metadata__":
+                    f.write(tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy())
+
 
 class _DirectFile(io.RawIOBase):
     """A write-only file (torch.save's target) whose bytes go through `staging` to `fd`, opened with O_DIRECT."""

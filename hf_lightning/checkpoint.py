@@ -33,6 +33,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from transformers.trainer_callback import TrainerState
 from transformers.trainer_pt_utils import safe_globals
+from transformers.utils import SAFE_WEIGHTS_NAME
 from transformers.trainer_utils import (
     PREFIX_CHECKPOINT_DIR,
     compare_trainer_and_checkpoint_args,
@@ -42,7 +43,7 @@ from transformers.trainer_utils import (
 )
 
 from . import adapters, compat, gpu_checkpoints, sharding
-from .background_save import BackgroundSave, SnapshotBuffers, snapshots_model
+from .background_save import BackgroundSave, snapshots_model
 from .optimizers import OptimizerQuirks, optimizer_state_globals
 from .run import RunState, TrainerHooks, TrainingPlan
 
@@ -151,11 +152,13 @@ def save_model_folder(hooks: TrainerHooks, output_dir: str, final_dir: str | Non
 
 
 def model_folder_writer(hooks: TrainerHooks, output_dir: str, final_dir: str | None = None,
-                        buffers: SnapshotBuffers | None = None, engine_saved: bool = False):
+                        background: BackgroundSave | None = None, engine_saved: bool = False):
     """save_model_folder's work as a function to call later (one that does nothing on a process that does not save).
-    A sharded model is gathered here, on every rank. With `buffers` (a background save), the weights are copied into
-    them now and the function writes the copy; a model whose weights are not copied (see `snapshots_model`) is written
-    now. `engine_saved`: DeepSpeed's engine checkpoint was just written into `output_dir` (every rank)."""
+    A sharded model is gathered here, on every rank. With `background` (async_save), the weights are copied into its
+    buffers now and the function writes the copy, model.safetensors around the page cache (the rest of the folder by
+    save_pretrained; see compat.save_pretrained_weights); a model whose weights are not copied (see
+    `snapshots_model`) is written now. `engine_saved`: DeepSpeed's engine checkpoint was just written into
+    `output_dir` (every rank)."""
     model, processing_class, args = hooks.model, hooks.processing_class, hooks.args
     weights = sharding.full_state_dict(model) if sharding.is_sharded(model) else (  # ZeRO-3, FSDP1
         gpu_checkpoints.full_state_dict(gpu_checkpoints.strategy_of(hooks), model, output_dir, engine_saved))
@@ -163,24 +166,31 @@ def model_folder_writer(hooks: TrainerHooks, output_dir: str, final_dir: str | N
         return lambda: None
     OptimizerQuirks(hooks.optimizer).eval()
     hf_logger.info(f"Saving model checkpoint to {final_dir or output_dir}")
-    if weights is None and buffers is not None and snapshots_model(model):
-        weights = buffers.take(model.state_dict(), ("model",))
+    files = None  # where the weights are a copy in CPU buffers: the writer of model.safetensors around the page cache
+    if weights is None and background is not None and snapshots_model(model):
+        weights = background.buffers.take(model.state_dict(), ("model",))
+        files = background.files
 
     def write() -> None:
         os.makedirs(output_dir, exist_ok=True)
         with _paths_logged_as(output_dir, final_dir):
             if hasattr(model, "save_pretrained"):
                 # save_pretrained pops the tensors it writes from the dict it is given: a fresh one, buffers stay
-                model.save_pretrained(output_dir, **({} if weights is None else {"state_dict": dict(weights)}))
+                tensors = None if files is None else compat.save_pretrained_weights(model, weights)
+                if tensors is not None:  # save_pretrained writes the rest of the folder
+                    model.save_pretrained(output_dir, state_dict={})
+                    files.write_safetensors(os.path.join(output_dir, SAFE_WEIGHTS_NAME), tensors, {"format": "pt"})
+                else:
+                    model.save_pretrained(output_dir, **({} if weights is None else {"state_dict": dict(weights)}))
             else:
                 safetensors.torch.save_file(
                     {k: v.contiguous() for k, v in (model.state_dict() if weights is None else weights).items()},
-                    os.path.join(output_dir, "model.safetensors"))
+                    os.path.join(output_dir, SAFE_WEIGHTS_NAME))
             if processing_class is not None and hasattr(processing_class, "save_pretrained"):
                 processing_class.save_pretrained(output_dir)
         torch.save(_args_to_save(args), os.path.join(output_dir, TRAINING_ARGS_NAME))  # never loaded here
 
-    if buffers is not None and weights is None:
+    if background is not None and weights is None:
         write()
         return lambda: None
     return write
@@ -269,7 +279,8 @@ def save_checkpoint(hooks: TrainerHooks, run: RunState, lightning_trainer, trial
     if hooks.hp_search_backend is None and trial is None:  # as transformers: a trial's flos move at logs only
         run.store_flos(strategy)
     engine_saved = not args.save_only_model and gpu_checkpoints.save_engine_checkpoint(strategy, hooks.model, tmp_dir)
-    write_model = model_folder_writer(hooks, tmp_dir, final_dir, buffers, engine_saved)  # gathers on every rank
+    write_model = model_folder_writer(hooks, tmp_dir, final_dir, background if buffers is not None else None,
+                                      engine_saved)  # gathers on every rank
     if state.best_global_step and args.save_strategy in ("steps", "epoch", "best"):
         best_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.best_global_step}")
         # As transformers: only a folder that exists (this one, being written, or an earlier one).

@@ -213,3 +213,34 @@ def script_command() -> list[str]:
     from lightning.fabric.strategies.launchers.subprocess_script import _basic_subprocess_cmd
 
     return list(_basic_subprocess_cmd())
+
+
+def save_pretrained_weights(model, state_dict: dict) -> dict | None:
+    """The tensors `model.save_pretrained(d, state_dict=state_dict)` writes to d/model.safetensors, for a writer that
+    writes that file itself (background_save.DirectWriter): the state dict less the model's `_keys_to_ignore_on_save`,
+    less its tied weights (transformers' `remove_tied_weights_from_state_dict`, which finds them by shared storage),
+    with the weight conversions of loading reverted (`revert_weight_conversion`), in save_pretrained's order. There is
+    no public spelling: save_pretrained writes the file itself. None where save_pretrained does more than that (a
+    quantized, tensor-parallel, offloaded, adapter or wrapped model; more than one shard) or this transformers lacks a
+    step: the caller lets save_pretrained write the file. tests/test_compat.py checks byte equality with its file."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from transformers import modeling_utils
+
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+        remove_tied = modeling_utils.remove_tied_weights_from_state_dict
+    except (ImportError, AttributeError):
+        return None
+    if (getattr(model, "hf_quantizer", None) is not None or getattr(model, "_hf_peft_config_loaded", False)
+            or getattr(model, "_tp_size", None) is not None or getattr(model, "hf_device_map", None) is not None
+            or getattr(model.config, "distributed_config", None) is not None
+            or getattr(modeling_utils, "IS_SAGEMAKER_MP_POST_1_10", False)
+            or modeling_utils.unwrap_model(model) is not model):
+        return None
+    state_dict = dict(state_dict)
+    for key in model._keys_to_ignore_on_save or ():
+        state_dict.pop(key, None)
+    state_dict = revert_weight_conversion(model, remove_tied(state_dict, model))
+    if split_torch_state_dict_into_shards(state_dict, max_shard_size="50GB").is_sharded:  # save_pretrained's default
+        return None
+    return state_dict

@@ -245,9 +245,17 @@ def test_training_goes_on_while_the_background_writer_writes(tmp_path, monkeypat
 
 
 def test_background_writer_bypasses_the_page_cache(tmp_path, monkeypatch):
-    """async_save's writer writes optimizer.pt with O_DIRECT (on this VM, filling the page cache is what stalled
-    training): the file torch.save gets is open with O_DIRECT, and it loads as a synchronous save's file."""
-    opened = {}
+    """async_save's writer writes optimizer.pt and model.safetensors with O_DIRECT (on this VM, filling the page cache
+    is what stalled training): the file torch.save gets is open with O_DIRECT, and so is model.safetensors, which
+    holds the same bytes as a synchronous save's (save_pretrained's) file; optimizer.pt loads as its file."""
+    opened, real_open = {}, os.open
+
+    def watched_open(path, flags, *args, **kwargs):
+        if str(path).endswith("model.safetensors") and flags & os.O_WRONLY:
+            opened["model"] = bool(flags & os.O_DIRECT)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", watched_open)
     real_save = torch.save
 
     def watched_save(obj, f, *args, **kwargs):
@@ -259,9 +267,12 @@ def test_background_writer_bypasses_the_page_cache(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", watched_save)
     _trainer(tmp_path / "async", max_steps=2, async_save=True).train()
-    assert opened == {"direct": True}
+    assert opened == {"direct": True, "model": True}
     monkeypatch.setattr(torch, "save", real_save)
     _trainer(tmp_path / "sync", max_steps=2).train()
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "async" / "checkpoint-2" / name).read_bytes() == \
+            (tmp_path / "sync" / "checkpoint-2" / name).read_bytes(), name
     assert_same_state(torch.load(tmp_path / "async" / "checkpoint-2" / "optimizer.pt", weights_only=True),
                       torch.load(tmp_path / "sync" / "checkpoint-2" / "optimizer.pt", weights_only=True))
 
@@ -335,6 +346,25 @@ def test_direct_writer_files_and_its_fallback(tmp_path, monkeypatch):
     with writer.open(str(tmp_path / "g.bin")) as f:
         f.write(b"abc")
     assert not hasattr(f, "fd") and (tmp_path / "g.bin").read_bytes() == b"abc"
+
+
+def test_direct_writer_writes_safetensors_files_byte_for_byte(tmp_path):
+    """DirectWriter.write_safetensors writes the bytes safetensors.torch.save_file writes (layout by dtype then name,
+    header padding), for every dtype, scalars, empty and non-contiguous tensors, with and without metadata."""
+    from hf_lightning.background_save import DirectWriter
+
+    torch.manual_seed(0)
+    tensors = {f"{name}.{dtype}".replace("torch.", ""): torch.randn(5, 7).to(dtype)
+               for name, dtype in zip("qbzamyxc", (torch.float64, torch.int64, torch.float32, torch.int32,
+                                                   torch.bfloat16, torch.float16, torch.int8, torch.bool))}
+    tensors.update({"scalar": torch.tensor(3.5), "empty": torch.zeros(0, 4), "b.bf16": torch.randn(3, dtype=torch.bfloat16),
+                    "transposed": torch.randn(6, 4).t(), "big": torch.randn(DirectWriter.CHUNK // 4 + 3)})
+    writer = DirectWriter()
+    for metadata in (None, {"format": "pt"}):
+        writer.write_safetensors(str(tmp_path / "ours.safetensors"), tensors, metadata)
+        safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "theirs.safetensors",
+                                    metadata)
+        assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "theirs.safetensors").read_bytes()
 
 
 def test_background_write_errors_surface(tmp_path, monkeypatch):

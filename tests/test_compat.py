@@ -268,3 +268,38 @@ def test_zero3_consolidated_state_dict_is_the_engines_gathering_method():
 
     method = deepspeed.DeepSpeedEngine._zero3_consolidated_16bit_state_dict
     assert "exclude_frozen_parameters" in inspect.signature(method).parameters
+
+
+TINY_MODELS = {  # a tied head (Llama, BERT's MLM decoder, T5's shared embeddings), a weight conversion (Mixtral)
+    "llama-tied": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        tie_word_embeddings=True)),
+    "bert-mlm": lambda: transformers.BertForMaskedLM(transformers.BertConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)),
+    "mixtral": lambda: transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, num_local_experts=4)),
+    "t5": lambda: transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=64, d_model=16, d_ff=32, num_layers=2, num_heads=2, d_kv=8)),
+}
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_save_pretrained_weights_are_the_tensors_save_pretrained_writes(tmp_path, name):
+    """compat.save_pretrained_weights of the model's weights (copied as async_save copies them), written by
+    DirectWriter, is save_pretrained's model.safetensors byte for byte; a model save_pretrained treats otherwise (here:
+    quantized) gets None."""
+    from hf_lightning.background_save import DirectWriter, SnapshotBuffers
+
+    torch.manual_seed(0)
+    model = TINY_MODELS[name]()
+    model.save_pretrained(tmp_path / "theirs")
+    tensors = compat.save_pretrained_weights(model, SnapshotBuffers().take(model.state_dict(), ("model",)))
+    if name == "mixtral":  # the fused experts are written per expert, as in Mixtral's checkpoints
+        assert set(tensors) != set(model.state_dict())
+    else:  # the tied copies are left out
+        assert set(tensors) < set(model.state_dict())
+    DirectWriter().write_safetensors(str(tmp_path / "ours.safetensors"), tensors, {"format": "pt"})
+    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "theirs" / "model.safetensors").read_bytes()
+    model.hf_quantizer = object()
+    assert compat.save_pretrained_weights(model, model.state_dict()) is None

@@ -40,6 +40,7 @@ import transformers.modeling_utils
 from transformers.trainer_callback import TrainerState
 
 import hf_lightning
+import hf_lightning.background_save
 from helpers import classification_dataset, tiny_bert
 
 
@@ -145,6 +146,7 @@ def install_kill_point(point: str) -> None:
     writer(torch, "save", 1, "f")
     writer(safetensors.torch, "save_file", 1, "filename")
     writer(transformers.modeling_utils, "safe_save_file", 1, "filename")
+    writer(hf_lightning.background_save.DirectWriter, "write_safetensors", 1, "path")  # async_save's model file
     writer(transformers.PreTrainedConfig, "to_json_file", 1, "json_file_path")
     writer(TrainerState, "save_to_json", 1, "json_path")
     writer(lightning.pytorch.Trainer, "save_checkpoint", 1, "filepath")
