@@ -1,14 +1,15 @@
 """Save and resume cost of an 81M-parameter model: transformers.Trainer vs hf_lightning.Trainer (synchronous and
 `async_save=True`), in one run.
 
-Each measurement is a fresh process (`--one NAME`) that trains a Llama (81M parameters, from config) for 10 steps
+Each measurement is a fresh process (`--one NAME`) that trains a Llama (81M parameters, from config) for 12 steps
 with a save at step 4, then a fresh process resumes from that checkpoint. Reported, as medians over the rounds
 (each round runs every framework once, so machine noise hits them alike): time of the save (on_save minus the step
 end; for async_save, the time the training thread spends on it), the stall (the step interval that holds the save
-minus the median of the intervals without a save: what a save costs training at that step; the same at the run's
-second save, step 8, where a process has written files before: the steady state of a long run), the whole cost to
-training (the sum over the save's interval and every later one of its excess over that median: with async_save, the
-writer's competition for the cores shows up here), time from building a Trainer in a fresh process to the end of its
+minus the clean step: the median of the intervals that overlap no save's writing, a save's writing lasting until the
+first step end that sees its folder in place, and not the first interval: what a save costs training at that step;
+the same at the run's second save, step 8, where a process has written files before: the steady state of a long
+run), the whole cost to training (the sum over the save's interval and every later one of its excess over the clean
+step, both saves included: with async_save, the writer's competition for the cores shows up here), time from building a Trainer in a fresh process to the end of its
 first step after train(resume_from_checkpoint=) (from the disk: the checkpoint's pages are evicted from the page cache
 first, for every framework, as after a restart on another node), and the checkpoint folder's size. hf_lightning's
 folders hold exactly transformers' files by default; `--export` adds a row with `save_lightning_checkpoint=True` (a
@@ -47,7 +48,7 @@ BATCH = 32 if CUDA else 2
 THREADS = int(sys.argv[sys.argv.index("--threads") + 1]) if "--threads" in sys.argv else None
 # what every measuring process gets from the command line
 PASS = (["--tiny"] if TINY else []) + (["--cuda"] if CUDA else []) + (["--threads", str(THREADS)] if THREADS else [])
-SAVE_AT, STEPS = 4, 10
+SAVE_AT, STEPS = 4, 12
 
 
 def model():
@@ -66,13 +67,22 @@ def folder_mb(path):
 
 
 class Clock(transformers.TrainerCallback):
-    def __init__(self):
-        self.marks = {}
+    def __init__(self, out, stop_at=None):
+        self.marks, self.out, self.in_place, self.stop_at = {}, out, {}, stop_at
 
     def on_step_end(self, args, state, control, **kwargs):
         if CUDA:
             torch.cuda.synchronize()  # the step's kernels done: a step's time, not its launch
         self.marks.setdefault("step_end", {})[state.global_step] = time.time()
+        self.in_place[state.global_step] = set(os.listdir(self.out)) if os.path.isdir(self.out) else set()
+        if state.global_step == self.stop_at:
+            control.should_training_stop = True
+
+    def writing(self, save_step):
+        """The step intervals a save's writing overlaps: from the save to the first step end that sees its folder."""
+        seen = next((step for step in sorted(self.in_place) if step > save_step
+                     and f"checkpoint-{save_step}" in self.in_place[step]), STEPS)
+        return set(range(save_step + 1, seen + 1))
 
     def on_save(self, args, state, control, **kwargs):
         self.marks.setdefault("save", {})[state.global_step] = time.time()
@@ -99,7 +109,7 @@ def run(name, root):
     ids = torch.randint(0, 32000, (BATCH * STEPS, 128))
     data = [{"input_ids": row, "labels": row} for row in ids]
     out = os.path.join(root, "run")
-    clock = Clock()
+    clock = Clock(out)
     if framework == "raw":
         raw_train(ids, out, clock)
     else:
@@ -107,7 +117,8 @@ def run(name, root):
     ends = clock.marks["step_end"]
     save_s = clock.marks["save"][SAVE_AT] - ends[SAVE_AT]
     intervals = {step: ends[step] - ends[step - 1] for step in range(2, STEPS + 1)}
-    base = statistics.median(v for step, v in intervals.items() if step not in (SAVE_AT + 1, 2 * SAVE_AT + 1))
+    busy = {2} | clock.writing(SAVE_AT) | clock.writing(2 * SAVE_AT)  # and the first interval: warm-up
+    base = statistics.median(v for step, v in intervals.items() if step not in busy)
     stall_s = intervals[SAVE_AT + 1] - base
     stall2_s = intervals[2 * SAVE_AT + 1] - base  # the run's second save (step 8): pages of earlier files exist
     cost_s = sum(max(intervals[step] - base, 0.0) for step in range(SAVE_AT + 1, STEPS + 1))
@@ -198,7 +209,7 @@ def resume(name, out):
     args_cls = transformers.TrainingArguments if framework == "hf" else hf_lightning.TrainingArguments
     data = [{"input_ids": row, "labels": row} for row in torch.randint(0, 32000, (BATCH * STEPS, 128))]
     args = arguments(args_cls, out, extra)
-    clock = Clock()
+    clock = Clock(out, stop_at=SAVE_AT + 1)  # what it measures is over: the rest would only take time
     start = time.time()
     trainer_cls(model(), args=args, train_dataset=data, callbacks=[clock]).train(
         resume_from_checkpoint=os.path.join(out, f"checkpoint-{SAVE_AT}"))

@@ -33,7 +33,6 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from transformers.trainer_callback import TrainerState
 from transformers.trainer_pt_utils import safe_globals
-from transformers.utils import SAFE_WEIGHTS_NAME
 from transformers.trainer_utils import (
     PREFIX_CHECKPOINT_DIR,
     compare_trainer_and_checkpoint_args,
@@ -41,6 +40,7 @@ from transformers.trainer_utils import (
     rotate_checkpoints,
     sort_checkpoints,
 )
+from transformers.utils import SAFE_WEIGHTS_NAME
 
 from . import adapters, compat, gpu_checkpoints, sharding
 from .background_save import BackgroundSave, snapshots_model
