@@ -2,10 +2,13 @@
 
 On the training thread a save only copies the state that training changes (weights, optimizer state) into CPU
 buffers allocated once and reused by every later save (pinned, and copied without blocking, for GPU tensors), and
-snapshots the small rest (scheduler, scaler, TrainerState). The writer thread then runs the same writers as a
-synchronous save (save_pretrained, torch.save, save_to_json), the fsync of every file and folder, the atomic rename
-and the rotation (checkpoint.py), at the lowest OS priority (Linux: its own thread's niceness), so that it takes the
-cores training leaves idle rather than slowing training down.
+snapshots the small rest (scheduler, scaler, TrainerState). The writer thread then writes the same files as a
+synchronous save, byte for byte where the format is deterministic: the two big ones around the page cache
+(`DirectWriter`: optimizer.pt by torch.save into an O_DIRECT file, model.safetensors from the tensors save_pretrained
+would write, `compat.save_pretrained_weights`), the rest with the same writers (save_pretrained for config and
+generation config, torch.save, save_to_json); then the fsync of every file and folder, the atomic rename and the
+rotation (checkpoint.py), at the lowest OS priority (Linux: its own thread's niceness), so that it takes the cores
+training leaves idle rather than slowing training down.
 
 Why not Lightning's `AsyncCheckpointIO`: it writes one file per call from a fresh `clone()` of every tensor (the
 first touch of ~1 GB of new memory at each save is most of the stall it is meant to remove), and a checkpoint-N

@@ -221,8 +221,8 @@ def save_pretrained_weights(model, state_dict: dict) -> dict | None:
     less its tied weights (transformers' `remove_tied_weights_from_state_dict`, which finds them by shared storage),
     with the weight conversions of loading reverted (`revert_weight_conversion`), in save_pretrained's order. There is
     no public spelling: save_pretrained writes the file itself. None where save_pretrained does more than that (a
-    quantized, tensor-parallel, offloaded, adapter or wrapped model; more than one shard) or this transformers lacks a
-    step: the caller lets save_pretrained write the file. tests/test_compat.py checks byte equality with its file."""
+    quantized, tensor-parallel, offloaded, adapter or wrapped model; more than one shard; a class with a
+    save_pretrained of its own) or this transformers lacks a step: the caller lets save_pretrained write the file. tests/test_compat.py checks byte equality with its file."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from transformers import modeling_utils
 
@@ -231,7 +231,8 @@ def save_pretrained_weights(model, state_dict: dict) -> dict | None:
         remove_tied = modeling_utils.remove_tied_weights_from_state_dict
     except (ImportError, AttributeError):
         return None
-    if (getattr(model, "hf_quantizer", None) is not None or getattr(model, "_hf_peft_config_loaded", False)
+    if (type(model).save_pretrained is not modeling_utils.PreTrainedModel.save_pretrained  # a subclass's own
+            or getattr(model, "hf_quantizer", None) is not None or getattr(model, "_hf_peft_config_loaded", False)
             or getattr(model, "_tp_size", None) is not None or getattr(model, "hf_device_map", None) is not None
             or getattr(model.config, "distributed_config", None) is not None
             or getattr(modeling_utils, "IS_SAGEMAKER_MP_POST_1_10", False)

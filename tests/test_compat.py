@@ -288,7 +288,7 @@ TINY_MODELS = {  # a tied head (Llama, BERT's MLM decoder, T5's shared embedding
 def test_save_pretrained_weights_are_the_tensors_save_pretrained_writes(tmp_path, name):
     """compat.save_pretrained_weights of the model's weights (copied as async_save copies them), written by
     DirectWriter, is save_pretrained's model.safetensors byte for byte; a model save_pretrained treats otherwise (here:
-    quantized) gets None."""
+    quantized) and a class with a save_pretrained of its own get None."""
     from hf_lightning.background_save import DirectWriter, SnapshotBuffers
 
     torch.manual_seed(0)
@@ -302,4 +302,8 @@ def test_save_pretrained_weights_are_the_tensors_save_pretrained_writes(tmp_path
     DirectWriter().write_safetensors(str(tmp_path / "ours.safetensors"), tensors, {"format": "pt"})
     assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "theirs" / "model.safetensors").read_bytes()
     model.hf_quantizer = object()
+    assert compat.save_pretrained_weights(model, model.state_dict()) is None
+    del model.hf_quantizer
+    own = type("OwnSave", (type(model),), {"save_pretrained": lambda self, *args, **kwargs: None})
+    model.__class__ = own  # a subclass that writes its folder its own way
     assert compat.save_pretrained_weights(model, model.state_dict()) is None
